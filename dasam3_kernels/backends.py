@@ -1,0 +1,137 @@
+"""The backend registry: which implementation of the DA-MoE layer runs, and why.
+
+A backend bundles the mixture-of-experts op (and optionally a fused router and a full-expert op).
+Every backend computes exactly the reference's function (SPEC section 2).  Backends that need a build
+or a device are loaded lazily: asking for one by name that cannot run raises a RuntimeError saying
+what is missing and how to get it; "auto" quietly takes the fastest one that can.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import reference, routing, torch_path
+
+BACKENDS = ("auto", "reference", "torch", "triton", "cuda", "cpu")
+
+# Fastest first, per device type, for backend="auto".
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of the layer's ops.
+
+    lowrank_moe: `(x, indices, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc1_A, fc1_B,
+        fc2_A, fc2_B, scale, activation[, dropout_mask, dropout_p]) -> y`, the contract of
+        `reference.lowrank_moe_reference`: `y_t = Σ_j p_tj · expert_{e_tj}(x_t)` for any weights p.
+    route: `(x, weight, bias, ctx_bias, top_k) -> (indices, weights, probs)` as `routing.route`.
+    full_moe: the contract of `reference.full_moe_reference`, or None if not implemented.
+    supports_dropout: whether lowrank_moe takes `dropout_mask` / `dropout_p`.
+    device_error: returns None when the backend can run on that device, else why it cannot.
+    """
+
+    name: str
+    lowrank_moe: Callable[..., torch.Tensor]
+    route: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = routing.route
+    full_moe: Callable[..., torch.Tensor] | None = None
+    supports_dropout: bool = False
+    device_error: Callable[[torch.device], str | None] = lambda device: None
+
+
+def _load_reference() -> Backend:
+    return Backend("reference", reference.lowrank_moe_reference, full_moe=reference.full_moe_reference,
+                   supports_dropout=True)
+
+
+def _load_torch() -> Backend:
+    return Backend("torch", torch_path.lowrank_moe, full_moe=torch_path.full_moe, supports_dropout=True)
+
+
+def _load_triton() -> Backend:
+    raise RuntimeError(
+        "backend 'triton' is not available: the fused Triton kernels are not part of this build "
+        "(they need `pip install triton` and a CUDA GPU, or TRITON_INTERPRET=1 on the CPU)"
+    )
+
+
+def _load_extension(device_type: str) -> Backend:
+    raise RuntimeError(
+        f"backend {device_type!r} is not available: the compiled dasam3 extension is not built "
+        "(reinstall with a C++ compiler present: `pip install -e . --no-build-isolation`)"
+    )
+
+
+_LOADERS: dict[str, Callable[[], Backend]] = {
+    "reference": _load_reference,
+    "torch": _load_torch,
+    "triton": _load_triton,
+    "cpu": lambda: _load_extension("cpu"),
+    "cuda": lambda: _load_extension("cuda"),
+}
+
+
+def check_backend_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+@functools.lru_cache(maxsize=None)
+def load_backend(name: str) -> Backend:
+    """The backend called `name`; RuntimeError (what is missing, how to get it) if it cannot load."""
+    check_backend_name(name)
+    if name == "auto":
+        raise ValueError("'auto' names a choice, not a backend: use resolve_backend")
+    return _LOADERS[name]()
+
+
+def _try_load(name: str) -> Backend | None:
+    try:
+        return load_backend(name)
+    except RuntimeError:
+        return None
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Names of the backends that can run on `device`, fastest first where "auto" has an order."""
+    device = torch.device(device)
+    names = [n for n in BACKENDS if n != "auto"]
+    usable = [n for n in names if (b := _try_load(n)) is not None and b.device_error(device) is None]
+    order = _AUTO_ORDER.get(device.type, ())
+    return sorted(usable, key=lambda n: order.index(n) if n in order else len(order))
+
+
+def resolve_backend(name: str, device: torch.device, *, full_experts: bool = False,
+                    dropout: bool = False) -> Backend:
+    """The backend that runs a forward on `device`.
+
+    "auto" takes the fastest one that can run this call.  A named backend must be able to run it,
+    except for dropout in training, which the fused kernels leave to the torch path.
+    """
+    if name == "auto":
+        for candidate in _AUTO_ORDER.get(device.type, ()) + ("torch",):
+            backend = _try_load(candidate)
+            if backend is not None and _serves(backend, device, full_experts, dropout):
+                return backend
+        return load_backend("torch")
+    backend = load_backend(name)
+    error = backend.device_error(device)
+    if error is not None:
+        raise RuntimeError(f"backend {name!r} cannot run on {device}: {error}")
+    if full_experts and backend.full_moe is None:
+        raise ValueError(f"backend {name!r} implements expert_type='lowrank' only, got expert_type='full'")
+    if dropout and not backend.supports_dropout:
+        return load_backend("torch")
+    return backend
+
+
+def _serves(backend: Backend, device: torch.device, full_experts: bool, dropout: bool) -> bool:
+    return (backend.device_error(device) is None
+            and (not full_experts or backend.full_moe is not None)
+            and (not dropout or backend.supports_dropout))
+
