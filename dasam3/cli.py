@@ -1,0 +1,42 @@
+"""The `dasam3` command line: one subcommand per module in `dasam3.commands`.
+
+Each command module defines `add_arguments(parser)` and `run(args) -> int` (its one-line help is in
+`_HELP` here);
+modules are imported only when their command runs, so `dasam3 --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name → module under dasam3.commands
+COMMANDS = {
+    "bench": "bench",
+}
+
+_HELP = {
+    "bench": "time the DA-MoE layer against a dense FFN and print the parameter table",
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dasam3", description="Dual-Adaptive SAM3")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        sub_parser = sub.add_parser(name, help=_HELP[name], description=_HELP[name])
+        if name == command:  # only the command that runs pays for its imports
+            _module(name).add_arguments(sub_parser)
+    return parser
+
+
+def _module(name: str):
+    return importlib.import_module(f"dasam3.commands.{COMMANDS[name]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if a in COMMANDS), None)
+    args = build_parser(command).parse_args(argv)
+    return _module(args.command).run(args)
