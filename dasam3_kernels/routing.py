@@ -1,7 +1,8 @@
 """Top-k routing in plain PyTorch: the oracle for the fused router kernels and the default path.
 
-Routing decisions are made in fp32 whatever the activations' dtype (as Switch Transformer and Mixtral
-do): bf16 logits tie often enough to flip experts between two otherwise equal implementations.
+Routing decisions are made in fp32 (fp64 stays fp64) whatever the activations' dtype, as Switch
+Transformer and Mixtral do: bf16 logits tie often enough to flip experts between two otherwise equal
+implementations.
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ def router_logits(
     bias: torch.Tensor | None,
     ctx_bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """`l = x Wᵀ + b + ctx_bias[sample(t)]` in fp32.  x: [T, D], weight: [E, D] → [T, E]."""
-    logits = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    """`l = x Wᵀ + b + ctx_bias[sample(t)]` in fp32 (fp64 stays fp64).  x: [T, D], weight: [E, D] → [T, E]."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    logits = F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
     if ctx_bias is not None:
-        logits = logits + expand_context_bias(ctx_bias.float(), x.shape[0])
+        logits = logits + expand_context_bias(ctx_bias.to(dtype), x.shape[0])
     return logits
 
 

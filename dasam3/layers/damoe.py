@@ -41,7 +41,8 @@ class Router(nn.Module):
         """x: [T, D], context: [R, context_dim] (R divides T) → indices, weights [T, k]; probs [T, E]."""
         ctx_bias = None
         if self.context_proj is not None:  # once per context row, not per token
-            ctx_bias = F.linear(context.float(), self.context_proj.weight.float())
+            dtype = torch.promote_types(context.dtype, torch.float32)
+            ctx_bias = F.linear(context.to(dtype), self.context_proj.weight.to(dtype))
         return backend.route(x, self.token_proj.weight, self.token_proj.bias, ctx_bias, self.top_k)
 
 
