@@ -1,0 +1,40 @@
+"""`dasam3 bench`: the DA-MoE layer against the dense FFN it wraps, and the parameter table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                        help="default: float32 on the CPU, bfloat16 on a GPU")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=1024, help="tokens per sample")
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--d-ff", type=int, default=2048)
+    parser.add_argument("--experts", type=int, default=4)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--activation", default="gelu", choices=("gelu", "gelu_tanh", "relu", "silu"))
+    parser.add_argument("--backends", nargs="+", default=None, help="default: every backend available")
+    parser.add_argument("--min-time", type=float, default=1.0, help="seconds of timing per measurement")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dasam3 import benchmark
+
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    shape = benchmark.BenchShape(args.batch, args.tokens, args.d_model, args.d_ff, args.experts, args.top_k,
+                                 args.rank, args.activation)
+    result = benchmark.run(shape, args.device, dtype, args.backends, args.min_time)
+    print(benchmark.format_report(result))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
