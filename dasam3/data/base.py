@@ -48,6 +48,8 @@ class Volume:
     layout: SliceLayout | None = None
 
     def __post_init__(self):
+        self.image = np.asarray(self.image, dtype=np.float32)
+        self.label = np.asarray(self.label, dtype=np.int64)
         if self.image.ndim != 3 or self.image.shape != self.label.shape:
             raise DataError(
                 f"case {self.case_id}: image and label must be 3-D with one shape, got "
@@ -104,8 +106,7 @@ class ArrayCase(Case):
     def __init__(self, case_id: str, image: np.ndarray, label: np.ndarray,
                  spacing: Sequence[float] = (1.0, 1.0, 1.0), affine: np.ndarray | None = None):
         self.case_id = case_id
-        self.volume = Volume(np.asarray(image, np.float32), np.asarray(label, np.int64),
-                             tuple(float(s) for s in spacing), case_id, affine)
+        self.volume = Volume(image, label, tuple(float(s) for s in spacing), case_id, affine)
 
     def num_slices(self) -> int:
         return self.volume.image.shape[0]
@@ -148,7 +149,7 @@ class NiftiCase(Case):
         voxels = read_array(image, self.image_path).reshape(image_shape)
         labels = read_array(label, self.label_path).reshape(label_shape)
         return Volume(
-            image=self.normalize(layout.to_slices(voxels)).astype(np.float32),
+            image=self.normalize(layout.to_slices(voxels)),
             label=self.remap(layout.to_slices(labels), self.label_path),
             spacing=layout.spacing, case_id=self.case_id, affine=image.affine, layout=layout,
         )

@@ -76,9 +76,12 @@ class NpzSliceCase(Case):
     def _read(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
         try:
             with np.load(path) as data:
+                missing = [key for key in ("image", "label") if key not in data.files]
+                if missing:
+                    raise DataError(f"{path}: npz file lacks the arrays {missing} (has {data.files})")
                 image, label = data["image"], data["label"]
-        except KeyError as error:
-            raise DataError(f"{path}: npz file lacks the array {error}") from error
+        except DataError:
+            raise
         except Exception as error:
             raise DataError(f"{path}: cannot read as npz ({error})") from error
         if image.ndim != 2 or image.shape != label.shape:

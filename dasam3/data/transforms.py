@@ -33,10 +33,10 @@ def normalize_mri(volume: np.ndarray, percentiles: Sequence[float] = MRI_PERCENT
     A constant volume maps to zeros.
     """
     volume = np.asarray(volume, dtype=np.float32)
-    low, high = np.percentile(volume, percentiles)
+    low, high = (np.float32(p) for p in np.percentile(volume, percentiles))
     if high <= low:
         return np.zeros_like(volume)
-    return np.clip((volume - low) / (high - low), 0.0, 1.0)
+    return np.clip((volume - low) / (high - low), 0.0, 1.0, dtype=np.float32)
 
 
 def normalize(volume: np.ndarray, modality: Modality, ct_window: Sequence[float] = CT_WINDOW) -> np.ndarray:
