@@ -170,15 +170,18 @@ class EvaluationResult:
               prefix: str = "evaluation") -> list[Path]:
         """Write `<prefix>.json`, `_cases.csv`, `_classes.csv` and `.md` into folder, atomically;
         refuses to replace existing files unless overwrite. Returns the paths."""
-        folder = Path(folder)
-        outputs = {folder / f"{prefix}.json": self.to_json(),
-                   folder / f"{prefix}_cases.csv": self.cases_csv(),
-                   folder / f"{prefix}_classes.csv": self.classes_csv(),
-                   folder / f"{prefix}.md": self.to_markdown(method)}
+        texts = (self.to_json(), self.cases_csv(), self.classes_csv(), self.to_markdown(method))
+        outputs = dict(zip(result_paths(folder, prefix), texts))
         check_can_write(list(outputs), overwrite)
         for path, text in outputs.items():
             write_text(path, text)
         return list(outputs)
+
+
+def result_paths(folder: str | Path, prefix: str = "evaluation") -> list[Path]:
+    """The files `EvaluationResult.write` creates: .json, _cases.csv, _classes.csv, .md."""
+    folder = Path(folder)
+    return [folder / f"{prefix}{suffix}" for suffix in (".json", "_cases.csv", "_classes.csv", ".md")]
 
 
 def _csv(header: Sequence[str], rows: Iterable[Sequence]) -> str:
