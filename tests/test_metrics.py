@@ -120,3 +120,18 @@ def test_strict_rule_penalises_a_missed_class_and_skips_an_absent_one():
     assert math.isnan(both_empty[0]) and math.isnan(both_empty[1])
     with pytest.raises(ValueError, match="rule must be one of"):
         metrics.score_pair(blob, blob, rule="nnunet")
+
+
+@pytest.mark.parametrize("spacing", [(2.0, 2.0, 2.0), (4.0, 1.0, 2.5)])
+def test_real_anatomy_matches_medpy(spacing):
+    """The MNI152 gray matter (thin, folded) against a slightly eroded, shifted copy."""
+    from scipy.ndimage import binary_erosion
+
+    pytest.importorskip("nilearn")
+    from dasam3.data import mni152_volume
+
+    gray = mni152_volume(2)[0].label[30:60] == 1
+    moved = np.roll(binary_erosion(gray), 1, axis=1)
+    assert metrics.dice(moved, gray) == pytest.approx(medpy_binary.dc(moved, gray), abs=1e-6)
+    expected = medpy_binary.hd95(moved, gray, voxelspacing=spacing)
+    assert metrics.hd95(moved, gray, spacing) == pytest.approx(expected, abs=1e-6)

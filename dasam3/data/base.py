@@ -168,7 +168,7 @@ class SliceDataset(Dataset):
     `default_augmentation()`, or None; seed: the augmentation seed (per item it is drawn from
     (seed, epoch, index), see `set_epoch`); extra_concepts: further concepts, each the union of some
     label values (e.g. {"brain": (1, 2)}); cache: keep every resized volume in memory (otherwise only
-    the last one read).
+    the last one read; each DataLoader worker process keeps its own cache).
     """
 
     def __init__(self, cases: Sequence[Case], classes: Sequence[str], *, image_size: int,

@@ -12,7 +12,8 @@ generic concept for a first training stage).
 Image: the T1 template scaled like `dasam3 predict --modality mri` scales any MRI (the volume's 0.5 /
 99.5 percentiles → [0, 1]), in the slice layout of `dasam3.io` (axial slices, anterior at the top,
 the patient's right on the left), so predicting on the template file gives exactly the training
-inputs.
+inputs. (nilearn's template header says uint8: export it with `set_data_dtype(np.float32)` before
+`to_filename`, or the file holds quantised intensities.)
 
 Split: axial slabs by MNI z (mm, slice centres, inclusive), disjoint with 4 mm gaps:
 train = [-40, -6] ∪ [22, 70], test (held out) = [0, 16]. At 2 mm that is 18 + 25 training and 9 test

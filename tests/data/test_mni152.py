@@ -74,3 +74,19 @@ def test_dataset_items(template):
     torch = pytest.importorskip("torch")
     assert torch.equal(item["masks"][2], torch.maximum(item["masks"][0], item["masks"][1]))
     assert item["masks"][0].sum() > 100 and item["masks"][1].sum() > 100
+
+
+def test_predict_on_the_template_file_sees_the_training_inputs(template, tmp_path):
+    """`dasam3 predict --modality mri` reads the template into the same slices the dataset serves."""
+    from dasam3.data.transforms import normalize
+    from dasam3.io import read_nifti_slices
+
+    volume, _, _ = template
+    path = tmp_path / "mni152.nii.gz"
+    template_image = datasets.load_mni152_template(resolution=2)
+    # nilearn's header says uint8 (saving it as is would quantise the intensities): keep float32
+    template_image.set_data_dtype(np.float32)
+    template_image.to_filename(str(path))
+    slices, layout, _ = read_nifti_slices(path)
+    np.testing.assert_array_equal(normalize(slices, "mri"), volume.image)
+    assert layout.spacing == volume.spacing
