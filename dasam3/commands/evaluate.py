@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import DataError, is_nifti, load_nifti, nifti_stem, read_array, require_3d
+from ..io import (DataError, check_can_write, is_nifti, load_nifti, nifti_stem, read_array,
+                  require_3d)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -112,7 +113,6 @@ def _gt_labels(pairs) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     from ..evaluation import EvaluationResult, result_paths, score_volume
-    from ..io import check_can_write
 
     try:
         pairs = _pairs(args.pred, args.gt)

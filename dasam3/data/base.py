@@ -104,9 +104,9 @@ class ArrayCase(Case):
     """A case already in memory (the MNI152 default, synthetic data)."""
 
     def __init__(self, case_id: str, image: np.ndarray, label: np.ndarray,
-                 spacing: Sequence[float] = (1.0, 1.0, 1.0), affine: np.ndarray | None = None):
+                 spacing: Sequence[float] = (1.0, 1.0, 1.0)):
         self.case_id = case_id
-        self.volume = Volume(image, label, tuple(float(s) for s in spacing), case_id, affine)
+        self.volume = Volume(image, label, tuple(float(s) for s in spacing), case_id)
 
     def num_slices(self) -> int:
         return self.volume.image.shape[0]
