@@ -14,10 +14,14 @@ import sys
 # name → module under dasam3.commands
 COMMANDS = {
     "bench": "bench",
+    "predict": "predict",
+    "evaluate": "evaluate",
 }
 
 _HELP = {
     "bench": "time the DA-MoE layer against a dense FFN and print the parameter table",
+    "predict": "segment NIfTI volumes with a checkpoint and write label maps with a JSON legend",
+    "evaluate": "score predicted label maps against ground truth (DSC, HD95 per case and class)",
 }
 
 

@@ -1,0 +1,138 @@
+"""`dasam3 evaluate`: score predicted label maps against ground truth, per case and class, in 3-D.
+
+    dasam3 evaluate --pred PRED_DIR --gt GT_DIR [--spacing-from gt|pred|none] [--labels 1,2,...]
+        [--protocol mm|transunet] [--out DIR] [--overwrite]
+
+Predictions and ground truth are NIfTI label maps paired by file name (every gt file needs a
+prediction of the same name, in the same voxel grid). Arrays are scored in the files' own voxel order;
+HD95 is in mm with the voxel sizes of the `--spacing-from` file ("none": voxels). `--protocol mm` uses
+the strict empty-mask rule, `--protocol transunet` TransUNet's rule and voxel units (see
+`dasam3.evaluation`). Labels default to every non-zero value in the gt files; class names come from the
+`predict` legends (`<name>.json` beside the predictions) when there are any.
+
+Writes `evaluation.json`, `evaluation_cases.csv`, `evaluation_classes.csv` and `evaluation.md` into
+--out (default: the prediction folder) and prints the Markdown summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..io import (DataError, check_can_write, is_nifti, load_nifti, nifti_stem, read_array,
+                  require_3d)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pred", required=True, type=Path, help="folder of predicted label maps")
+    parser.add_argument("--gt", required=True, type=Path, help="folder of ground-truth label maps")
+    parser.add_argument("--spacing-from", choices=("gt", "pred", "none"), default="gt",
+                        help="whose voxel sizes give HD95 in mm (none: voxel units)")
+    parser.add_argument("--labels", default=None,
+                        help="comma-separated labels to score (default: all non-zero gt labels)")
+    parser.add_argument("--protocol", choices=("mm", "transunet"), default="mm",
+                        help="empty-mask rule and units: strict in mm, or TransUNet's in voxels")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: --pred)")
+    parser.add_argument("--method", default="model", help="row name in the Markdown table")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing result files")
+
+
+def _label_volume(path: Path) -> tuple[np.ndarray, object]:
+    image = load_nifti(path)
+    shape = require_3d(image.shape, path)
+    data = read_array(image, path).reshape(shape)
+    labels = np.rint(data).astype(np.int64)
+    if not np.array_equal(labels, data):
+        raise DataError(f"{path}: a label map must hold integers, found non-integer values")
+    return labels, image
+
+
+def _parse_labels(text: str) -> list[int]:
+    try:
+        labels = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise ValueError(f"--labels must be comma-separated integers, got {text!r}") from error
+    if not labels or min(labels) < 1:
+        raise ValueError(f"--labels must be positive integers, got {text!r}")
+    return labels
+
+
+def _pairs(pred_dir: Path, gt_dir: Path) -> list[tuple[Path, Path]]:
+    for folder in (pred_dir, gt_dir):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"folder not found: {folder}")
+    gt_files = sorted(p for p in gt_dir.iterdir() if p.is_file() and is_nifti(p))
+    if not gt_files:
+        raise FileNotFoundError(f"no .nii or .nii.gz files in {gt_dir}")
+    missing = [str(pred_dir / p.name) for p in gt_files if not (pred_dir / p.name).is_file()]
+    if missing:
+        raise FileNotFoundError("predictions missing for the ground truth: " + ", ".join(missing))
+    return [(pred_dir / p.name, p) for p in gt_files]
+
+
+def _legend_names(pred_dir: Path) -> dict[int, str]:
+    """Class names from `predict` legends beside the predictions (label → concept)."""
+    names: dict[int, str] = {}
+    for legend in sorted(pred_dir.glob("*.json")):
+        try:
+            labels = json.loads(legend.read_text())["labels"]
+            names.update({int(k): str(v) for k, v in labels.items() if int(k) > 0})
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue  # not a predict legend (e.g. an earlier evaluation.json)
+    return names
+
+
+def load_case(pred_path: Path, gt_path: Path, spacing_from: str):
+    """(case_id, pred [X, Y, Z], gt [X, Y, Z], spacing or None) with the shapes checked."""
+    import nibabel as nib
+
+    pred, pred_image = _label_volume(pred_path)
+    gt, gt_image = _label_volume(gt_path)
+    if pred.shape != gt.shape:
+        raise DataError(f"{pred_path}: shape {pred.shape} differs from the ground truth "
+                        f"{gt_path} shape {gt.shape}")
+    if not np.allclose(pred_image.affine, gt_image.affine, atol=1e-3):
+        print(f"dasam3 evaluate: warning: {pred_path} and {gt_path} have different affines",
+              file=sys.stderr)
+    source = {"gt": gt_image, "pred": pred_image, "none": None}[spacing_from]
+    spacing = None if source is None else tuple(nib.affines.voxel_sizes(source.affine)[:3])
+    return nifti_stem(gt_path), pred, gt, spacing
+
+
+def _gt_labels(pairs) -> list[int]:
+    """Every non-zero label in the ground truth (one file in memory at a time)."""
+    labels: set[int] = set()
+    for _, gt_path in pairs:
+        labels.update(np.unique(_label_volume(gt_path)[0]).tolist())
+    return sorted(labels - {0})
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..evaluation import EvaluationResult, result_paths, score_volume
+
+    try:
+        pairs = _pairs(args.pred, args.gt)
+        out = args.out or args.pred
+        check_can_write(result_paths(out), args.overwrite)
+        labels = _parse_labels(args.labels) if args.labels else _gt_labels(pairs)
+        if not labels:
+            raise ValueError(f"the ground truth in {args.gt} has no non-zero label; pass --labels")
+        legend = _legend_names(args.pred)
+        class_names = {label: legend.get(label, f"label {label}") for label in labels}
+        scores = []
+        for pred_path, gt_path in pairs:
+            case_id, pred, gt, spacing = load_case(pred_path, gt_path, args.spacing_from)
+            scores += score_volume(pred, gt, class_names, case_id=case_id, spacing=spacing,
+                                   protocol=args.protocol)
+        result = EvaluationResult(scores, class_names, args.protocol)
+        written = result.write(out, method=args.method, overwrite=args.overwrite)
+    except (DataError, FileNotFoundError, FileExistsError, ValueError) as error:
+        print(f"dasam3 evaluate: error: {error}", file=sys.stderr)
+        return 1
+    print(result.to_markdown(args.method), end="")
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0

@@ -1,0 +1,169 @@
+"""`dasam3 predict`: segment NIfTI volumes slice by slice and write integer label maps.
+
+    dasam3 predict -i scan.nii.gz -o scan_labels.nii.gz --checkpoint CKPT --concept liver \
+        --concept spleen --modality ct
+
+Each output has the input's shape, affine and header (data type uint8, int16 beyond 255 labels, no
+intensity scaling) and a JSON legend beside it (`scan_labels.json`: label → concept). Slices are taken
+along the axial axis of the input's closest canonical orientation (`--plane native` keeps the file's
+third axis, for short-axis cardiac stacks). Inputs are normalised like the training data: MRI by its
+0.5 / 99.5 percentiles, CT by the window [-125, 275] HU, to [0, 1].
+
+Every input header and every output path is checked before the model is loaded: an existing output is
+never replaced without --overwrite, and a bad input stops the run with an error naming the file.
+Outputs are written atomically, so a failed run leaves no partial file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from ..io import (PLANES, DataError, check_can_write, is_nifti, load_nifti, nifti_stem,
+                  read_nifti_slices, require_3d, save_label_map, write_text)
+
+DEFAULT_BATCH_SIZE = 8
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-i", "--input", required=True, type=Path,
+                        help="a NIfTI file (.nii/.nii.gz) or a folder of them")
+    parser.add_argument("-o", "--output", required=True, type=Path,
+                        help="output file for one input, or a folder (created) for a folder")
+    parser.add_argument("--checkpoint", required=True, type=Path, help="a DASAM3 checkpoint folder")
+    parser.add_argument("--concept", action="append", default=None, metavar="TEXT",
+                        help="a concept to segment, label i = i-th --concept (repeatable; default: "
+                             "the concepts the model was trained on)")
+    parser.add_argument("--modality", choices=("mri", "ct"), default="mri",
+                        help="intensity normalisation: mri = percentile scaling, ct = HU window")
+    parser.add_argument("--ct-window", nargs=2, type=float, default=(-125.0, 275.0),
+                        metavar=("LOW", "HIGH"), help="HU window for --modality ct")
+    parser.add_argument("--plane", choices=PLANES, default="axial",
+                        help="slice along the canonical axial axis or the file's own third axis")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="slices per batch")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
+
+def load_model(checkpoint: Path, device: str):
+    """The only model-dependent step: a DASAM3 model with `config.image_size`, `config.in_channels`,
+    `config.concepts` and `predict_labels(images [B, C, S, S], concepts) -> [B, S, S]`."""
+    from ..models import DASAM3
+
+    return DASAM3.from_pretrained(checkpoint, map_location=device)
+
+
+def resolve_device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def legend_path(output: Path) -> Path:
+    """`out.nii.gz` → `out.json`."""
+    return output.with_name(nifti_stem(output) + ".json")
+
+
+def plan_outputs(source: Path, output: Path) -> list[tuple[Path, Path]]:
+    """(input, output) pairs: a file to a file (or into a folder), a folder's NIfTI files into a folder."""
+    if source.is_dir():
+        inputs = sorted(p for p in source.iterdir() if p.is_file() and is_nifti(p))
+        if not inputs:
+            raise FileNotFoundError(f"no .nii or .nii.gz files in {source}")
+        if output.is_file():
+            raise ValueError(f"input {source} is a folder, so the output must be a folder, got file {output}")
+        return [(path, output / path.name) for path in inputs]
+    if not source.is_file():
+        raise FileNotFoundError(f"input not found: {source}")
+    if not is_nifti(source):
+        raise ValueError(f"input must be a .nii or .nii.gz file, got {source}")
+    if output.is_dir() or str(output).endswith(os.sep):
+        return [(source, output / source.name)]
+    if not is_nifti(output):
+        raise ValueError(f"output must end in .nii or .nii.gz (or be a folder), got {output}")
+    return [(source, output)]
+
+
+def check_inputs(pairs: Sequence[tuple[Path, Path]]) -> None:
+    """Read every input's header now, so a bad file stops the run before any output is written."""
+    for source, _ in pairs:
+        require_3d(load_nifti(source).shape, source)
+
+
+def predict_file(source: Path, output: Path, segmenter, concepts: Sequence[str], *, image_size: int,
+                 channels: int, modality: str, ct_window: Sequence[float] = (-125.0, 275.0),
+                 plane: str = "axial", batch_size: int = DEFAULT_BATCH_SIZE,
+                 metadata: dict | None = None) -> None:
+    """Segment one NIfTI file with `segmenter` (images [B, channels, S, S] → labels [B, S, S]) and
+    write the label map and its legend."""
+    from ..data.transforms import normalize
+    from ..evaluation import predict_volume
+
+    slices, layout, image = read_nifti_slices(source, plane)
+    volume = normalize(slices, modality, ct_window)
+    labels = predict_volume(volume, segmenter, image_size=image_size, channels=channels,
+                            batch_size=batch_size, progress=True, description=source.name)
+    if labels.min() < 0 or labels.max() > len(concepts):
+        raise ValueError(f"segmenter returned labels outside 0..{len(concepts)} for {source}: "
+                         f"[{labels.min()}, {labels.max()}]")
+    save_label_map(layout.from_slices(labels), image, output)
+    legend = {"labels": {"0": "background", **{str(i): c for i, c in enumerate(concepts, start=1)}},
+              "source": str(source), "modality": modality, "plane": plane, **(metadata or {})}
+    write_text(legend_path(output), json.dumps(legend, indent=2) + "\n")
+
+
+def model_segmenter(model, concepts: Sequence[str], device: str):
+    """Adapt the model's `predict_labels` to the segmenter interface (CPU tensors in and out)."""
+    import torch
+
+    @torch.no_grad()
+    def segment(images):
+        return model.predict_labels(images.to(device), list(concepts)).cpu()
+
+    return segment
+
+
+def _check_concepts(concepts: Sequence[str]) -> list[str]:
+    concepts = [c.strip() for c in concepts]
+    if not concepts or any(not c for c in concepts):
+        raise ValueError(f"concepts must be non-empty strings, got {concepts}")
+    duplicates = sorted({c for c in concepts if concepts.count(c) > 1})
+    if duplicates:
+        raise ValueError(f"each concept may appear once (it names one label), repeated: {duplicates}")
+    return concepts
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    try:
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        pairs = plan_outputs(args.input, args.output)
+        for source, output in pairs:
+            if output.resolve() == source.resolve():
+                raise ValueError(f"output would replace its own input: {output}")
+        check_can_write([p for _, out in pairs for p in (out, legend_path(out))], args.overwrite)
+        check_inputs(pairs)
+        if not args.checkpoint.is_dir():
+            raise FileNotFoundError(f"checkpoint folder not found: {args.checkpoint}")
+        device = resolve_device(args.device)
+        model = load_model(args.checkpoint, device)
+        concepts = _check_concepts(args.concept or model.config.concepts)
+        segmenter = model_segmenter(model, concepts, device)
+        for source, output in tqdm(pairs, desc="volumes", unit="file", disable=len(pairs) < 2):
+            predict_file(source, output, segmenter, concepts, image_size=model.config.image_size,
+                         channels=model.config.in_channels, modality=args.modality,
+                         ct_window=args.ct_window, plane=args.plane, batch_size=args.batch_size,
+                         metadata={"checkpoint": str(args.checkpoint)})
+            print(f"wrote {output}")
+    except (DataError, FileNotFoundError, FileExistsError, ValueError) as error:
+        print(f"dasam3 predict: error: {error}", file=sys.stderr)
+        return 1
+    return 0
