@@ -1,0 +1,319 @@
+"""The staged trainer: pretrain (CPU demo only) → warm-up → calibration (SPEC section 3).
+
+Every stage is a fixed number of optimizer steps over a seeded, epoch-wise shuffled stream of
+batches, so a run killed at any step and resumed from its last checkpoint ends with the same weights
+as an uninterrupted run: the checkpoint records the stage, the step, the epoch and the batch inside it,
+the optimizer, the scheduler and the RNG; augmentation draws depend only on (seed, epoch, index).
+Under `torchrun` the same code trains with DDP; rank 0 logs, validates and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm.auto import tqdm
+
+from dasam3.data import SliceDataset, collate_slices
+from dasam3.layers import aux_loss
+from dasam3.losses import segmentation_loss
+
+from .checkpoint import load_trainer_state, point, prune, restore_rng_state, rng_state, write_checkpoint
+from .config import StageConfig, TrainConfig
+from .distributed import World, all_reduce_mean, barrier
+
+LOG_FIELDS = ("step", "stage", "kind", "loss", "seg_loss", "aux_loss", "dice", "lr", "val_dice", "seconds")
+
+
+@dataclass
+class Progress:
+    """Where a run is: stage index, step inside the stage, epoch and batch inside the epoch."""
+
+    stage: int = 0
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    global_step: int = 0
+    best_val_dice: float = -math.inf
+
+
+def stage_parameters(model: nn.Module, stage: StageConfig) -> list[nn.Parameter]:
+    """The parameters `stage` trains.  "pretrain": all but the encoders (frozen feature extractors
+    unless the model builds its image encoder to be trained: `image_encoder.trainable`)."""
+    if stage.kind != "pretrain":
+        return model.trainable_parameters(stage.kind)
+    frozen = {id(p) for p in model.text_encoder.parameters()}
+    if getattr(model.image_encoder, "pretrained_source", None) is not None:
+        frozen |= {id(p) for p in model.image_encoder.parameters()}
+    return [p for p in model.parameters() if id(p) not in frozen]
+
+
+def warmup_cosine(total_steps: int, warmup_fraction: float):
+    """LR multiplier: linear warm-up over the first `warmup_fraction` of the steps, then cosine to 0."""
+    warmup = max(1, int(total_steps * warmup_fraction)) if warmup_fraction > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def batch_dice(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Hard Dice of `sigmoid(logits) > 0.5` pooled over the batch, averaged over concepts."""
+    pred = logits.detach() > 0
+    targets = targets > 0.5
+    overlap = (pred & targets).flatten(2).sum((0, 2)).float()
+    total = (pred.flatten(2).sum((0, 2)) + targets.flatten(2).sum((0, 2))).float()
+    return (2 * overlap / total.clamp_min(1)).mean()
+
+
+class Trainer:
+    """Train `model` (a `dasam3.models.DASAM3`) on `train_set` through `config.stages`.
+
+    out_dir: checkpoints/ (with `last` and `best` links), log.csv, train_config.json.
+    val_set: slices scored every `config.val_every` steps and at each stage's end (rank 0).
+    """
+
+    def __init__(self, model: nn.Module, train_set: SliceDataset, config: TrainConfig, out_dir: str | Path,
+                 val_set: SliceDataset | None = None, world: World = World(), device: torch.device | str = "cpu",
+                 show_progress: bool = True):
+        self.model = model.to(device)
+        self.train_set, self.val_set, self.config = train_set, val_set, config
+        self.out_dir, self.world, self.device = Path(out_dir), world, torch.device(device)
+        self.checkpoints = self.out_dir / "checkpoints"
+        self.show_progress = show_progress and world.is_main
+        self.progress = Progress()
+        self._resumed_optimizer: dict[str, Any] | None = None
+
+    # -- public ----------------------------------------------------------------------------------------
+
+    def fit(self, resume: bool = False, stop_after: int | None = None) -> Progress:
+        """Run every stage to its end (or `stop_after` global steps, to test interruption).
+
+        resume: continue from `out_dir/checkpoints/last` exactly where it stopped.
+        """
+        if resume:
+            self._resume()
+        elif self.world.is_main and (self.checkpoints / "last").exists():
+            raise FileExistsError(f"{self.out_dir} already holds a run; resume it (--resume) or choose "
+                                  "another output folder")
+        while self.progress.stage < len(self.config.stages):
+            if not self._run_stage(stop_after):
+                break
+        return self.progress
+
+    # -- stages ------------------------------------------------------------------------------------------
+
+    def _apply_variant(self, index: int) -> None:
+        """Turn the model into the stage's variant (e.g. upcycle its FFNs), unless it already is one."""
+        stage = self.config.stages[index]
+        config = self.model.config
+        if stage.variant is not None and config.moe is None and config.concat_layers is None:
+            self.model.apply_variant(stage.variant, **stage.variant_options)
+            self.model.to(self.device)
+
+    def _select_trainable(self, stage: StageConfig) -> list[nn.Parameter]:
+        params = stage_parameters(self.model, stage)
+        keep = {id(p) for p in params}
+        for param in self.model.parameters():
+            param.requires_grad_(id(param) in keep)
+        return params
+
+    def _run_stage(self, stop_after: int | None) -> bool:
+        stage_index = self.progress.stage
+        stage = self.config.stages[stage_index]
+        self._apply_variant(stage_index)
+        params = self._select_trainable(stage)
+        optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=self.config.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(stage.steps, self.config.warmup_fraction))
+        if self._resumed_optimizer is not None:  # resuming inside this stage
+            optimizer.load_state_dict(self._resumed_optimizer["optimizer"])
+            scheduler.load_state_dict(self._resumed_optimizer["scheduler"])
+            self._resumed_optimizer = None
+        network = self._wrap(self.model)
+        concepts = stage.concepts or list(self.train_set.concepts)
+        columns = [self.train_set.concepts.index(c) for c in concepts]
+
+        bar = tqdm(total=stage.steps, initial=self.progress.step, disable=not self.show_progress,
+                   desc=f"stage {stage_index + 1}/{len(self.config.stages)} {stage.kind}", dynamic_ncols=True)
+        started = time.perf_counter()
+        batches = self._batches()
+        while self.progress.step < stage.steps:
+            if stop_after is not None and self.progress.global_step >= stop_after:
+                bar.close()
+                return False
+            network.train()
+            batch = next(batches)
+            metrics = self._train_step(network, optimizer, scheduler, params, batch, concepts, columns)
+            self.progress.step += 1
+            self.progress.global_step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", dice=f"{metrics['dice']:.3f}")
+            finished = self.progress.step == stage.steps
+            if finished or self.progress.step % self.config.val_every == 0:
+                metrics["val_dice"] = self._validate(concepts)
+            if finished:
+                self.progress.stage, self.progress.step = stage_index + 1, 0
+            metrics["seconds"] = time.perf_counter() - started
+            self._log(stage_index, stage, metrics)
+            if finished or self.progress.step % self.config.checkpoint_every == 0:
+                self._checkpoint(optimizer, scheduler, metrics.get("val_dice"), concepts)
+        bar.close()
+        return True
+
+    def _train_step(self, network, optimizer, scheduler, params, batch, concepts, columns) -> dict[str, float]:
+        images = batch["image"].to(self.device, non_blocking=True)
+        targets = batch["masks"][:, columns].to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._amp):
+            logits = network(images, concepts)
+            seg = segmentation_loss(logits.float(), targets)
+            aux = aux_loss(self.model, self.config.balance, self.config.sparse)
+        loss = seg + aux
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        values = torch.stack([loss.detach(), seg.detach(), aux.detach(), batch_dice(logits, targets)])
+        loss, seg, aux, dice = all_reduce_mean(values, self.world).tolist()
+        return {"loss": loss, "seg_loss": seg, "aux_loss": aux, "dice": dice, "lr": scheduler.get_last_lr()[0]}
+
+    @property
+    def _amp(self) -> bool:
+        return self.config.amp and self.device.type == "cuda"
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if not self.world.distributed:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        # experts that receive no token in a step have no gradient: DDP must not wait for them
+        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+
+    # -- data --------------------------------------------------------------------------------------------
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's index batches of `epoch` (full batches only; the same on every resume)."""
+        sampler = DistributedSampler(self.train_set, num_replicas=self.world.size, rank=self.world.rank,
+                                     shuffle=True, seed=self.config.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        indices = list(sampler)
+        size = min(self.config.batch_size, len(indices))
+        return [indices[i:i + size] for i in range(0, len(indices) - size + 1, size)]
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        """Batches from the recorded (epoch, batch) onwards, forever; progress is updated as they go."""
+        while True:
+            self.train_set.set_epoch(self.progress.epoch)
+            batches = self._epoch_batches(self.progress.epoch)[self.progress.batch:]
+            loader = DataLoader(self.train_set, batch_sampler=batches, collate_fn=collate_slices,
+                                num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda")
+            for batch in loader:
+                self.progress.batch += 1
+                yield batch
+            self.progress.epoch, self.progress.batch = self.progress.epoch + 1, 0
+
+    # -- validation, logging, checkpoints -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _validate(self, concepts: list[str]) -> float | None:
+        """Dice per concept pooled over the validation slices, averaged (rank 0; others get None)."""
+        if self.val_set is None or not self.world.is_main:
+            barrier(self.world)
+            return None
+        self.model.eval()
+        columns = [self.val_set.concepts.index(c) for c in concepts]
+        overlap = total = 0
+        loader = DataLoader(self.val_set, batch_size=self.config.batch_size, collate_fn=collate_slices)
+        for batch in loader:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._amp):
+                logits = self.model(batch["image"].to(self.device), concepts)
+            pred = logits > 0
+            target = batch["masks"][:, columns].to(self.device) > 0.5
+            overlap = overlap + (pred & target).flatten(2).sum((0, 2))
+            total = total + pred.flatten(2).sum((0, 2)) + target.flatten(2).sum((0, 2))
+        self.model.train()
+        barrier(self.world)
+        return (2 * overlap.float() / total.float().clamp_min(1)).mean().item()
+
+    def _log(self, stage_index: int, stage: StageConfig, metrics: dict[str, float]) -> None:
+        if not self.world.is_main:
+            return
+        path = self.out_dir / "log.csv"
+        new = not path.exists()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with path.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=LOG_FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerow({"step": self.progress.global_step, "stage": stage_index, "kind": stage.kind,
+                             **{k: metrics.get(k) for k in LOG_FIELDS[3:]}})
+
+    def _checkpoint(self, optimizer, scheduler, val_dice: float | None, concepts: list[str]) -> None:
+        if self.world.is_main:
+            best = val_dice is not None and concepts == self._final_concepts and val_dice > self.progress.best_val_dice
+            if best:
+                self.progress.best_val_dice = val_dice
+            state = {"progress": asdict(self.progress), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "rng": rng_state(), "config": self.config.to_dict()}
+            folder = write_checkpoint(self.checkpoints, f"step-{self.progress.global_step:07d}",
+                                      self._write_model, state)
+            point(self.checkpoints / "last", folder)
+            if best:
+                point(self.checkpoints / "best", folder)
+            links = [self.checkpoints / n for n in ("last", "best") if (self.checkpoints / n).exists()]
+            prune(self.checkpoints, set(links))
+        barrier(self.world)
+
+    @property
+    def _final_concepts(self) -> list[str]:
+        return self.config.stages[-1].concepts or list(self.train_set.concepts)
+
+    def _write_model(self, folder: Path) -> None:
+        from dasam3.adapters import save_adapter
+
+        self.model.save_pretrained(folder)
+        save_adapter(self.model, folder / "adapter.safetensors")
+
+    def _resume(self) -> None:
+        """Rebuild the model's structure up to the checkpoint, then restore weights, RNG and optimizer."""
+        last = self.checkpoints / "last"
+        if not last.exists():
+            raise FileNotFoundError(f"nothing to resume: {last} does not exist")
+        state = load_trainer_state(last)
+        self.progress = Progress(**state["progress"])
+        built = min(self.progress.stage + (self.progress.step > 0), len(self.config.stages))
+        for index in range(built):
+            self._apply_variant(index)
+        self.model.load_pretrained_weights(last)
+        self.model.to(self.device)
+        restore_rng_state(state["rng"])  # before the next stage's variant draws its initial factors
+        if self.progress.step > 0:
+            self._resumed_optimizer = state
+        if self.world.is_main:
+            self._truncate_log()
+
+    def _truncate_log(self) -> None:
+        """Drop log rows of steps after the checkpoint: they are trained again."""
+        path = self.out_dir / "log.csv"
+        if not path.exists():
+            return
+        with path.open(newline="") as handle:
+            rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= self.progress.global_step]
+        staging = path.with_suffix(".csv.tmp")
+        with staging.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=LOG_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        staging.replace(path)
