@@ -1,0 +1,246 @@
+"""Backward of the fused up-projection: recompute the pre-activations from x, never store [T, k, F].
+
+For a tile of F, each program walks a strided subset of the token tiles.  Per token tile, one K-loop
+over D accumulates the recomputed `x W1ᵀ`, the stacked shrink `u = x A1ᵀ`, the incoming
+`grad_m = g W2` and `g B2` (stacked); then, per routing slot j, the recomputed h_j and act'(z_j) give
+
+    dp_j     += Σ_f h_j grad_m + s Σ_r (h_j A2ᵀ ⊙ seg_j) (g B2)        (F-tile share of the routing grad)
+    grad_h_j  = p_j grad_m + (s p_j (g B2 ⊙ seg_j)) A2
+    grad_z_j  = grad_h_j ⊙ act'(z_j);   grad_pre = Σ_j grad_z_j           (stored, [T, F])
+    grad_U   += s Σ_j (grad_z_j B1) ⊙ seg_j                              (F-tile share, [T, E·r])
+    dA2      += Σ_j (s p_j (g B2 ⊙ seg_j))ᵀ h_j;  dB1 += s Σ_j grad_z_jᵀ (u ⊙ seg_j)   (token-split shares)
+
+Every cross-program reduction goes to its own slice of a split buffer that the caller sums
+(deterministic), or, with `atomic=True`, into one slice with float atomics.  dx, dA1 and dB2 follow
+from these with the down-projection kernel and two small GEMMs (see `triton_ops`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_common import (INTERPRET, activation_and_grad, autotuned, block, factor_offsets, kernel_dtypes,
+                            pick_kernel, slot_segment, stacked_width)
+
+
+@triton.jit
+def _backward_kernel(
+    x_ptr, g_ptr, idx_ptr, p_ptr, w1_ptr, b1_ptr, w2_ptr, a1_ptr, bb1_ptr, a2_ptr, bb2_ptr,
+    gpre_ptr, dp_ptr, gu_ptr, da2_ptr, db1_ptr,
+    T, D, F, RANK, ER, scale, TOKEN_SPLITS,
+    stride_xt, stride_xd, stride_gt, stride_gd, stride_it, stride_ij, stride_pt, stride_pj,
+    stride_w1f, stride_w1d, stride_w2d, stride_w2f,
+    stride_a1e, stride_a1q, stride_a1d, stride_b1e, stride_b1q, stride_b1f,
+    stride_a2e, stride_a2q, stride_a2f, stride_b2e, stride_b2q, stride_b2d,
+    stride_gpt, stride_gpf, stride_dps, stride_dpt, stride_dpj, stride_gus, stride_gut, stride_guc,
+    stride_da2s, stride_da2e, stride_da2q, stride_da2f, stride_db1s, stride_db1e, stride_db1q, stride_db1f,
+    K_SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_FC1_LORA: tl.constexpr, HAS_FC2_LORA: tl.constexpr,
+    ACTIVATION: tl.constexpr, ATOMIC: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
+    ER_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_f = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_c = tl.arange(0, ER_PAD)
+    mask_f = offs_f < F
+    mask_c = offs_c < ER
+    split_f = 0 if ATOMIC else pid_f  # slice of the F-tile reductions
+    split_t = 0 if ATOMIC else pid_s  # slice of the token-split reductions
+
+    if HAS_BIAS:
+        b1 = tl.load(b1_ptr + offs_f, mask=mask_f, other=0.0).to(ACC)
+    if HAS_FC1_LORA:
+        b1t = tl.load(bb1_ptr + factor_offsets(offs_c[:, None], offs_f[None, :], RANK, stride_b1e, stride_b1q, stride_b1f),
+                      mask=mask_c[:, None] & mask_f[None, :], other=0.0).to(DOT)  # [E·r, BF]
+        db1 = tl.zeros((BLOCK_F, ER_PAD), dtype=ACC)
+    if HAS_FC2_LORA:
+        a2t = tl.load(a2_ptr + factor_offsets(offs_c[None, :], offs_f[:, None], RANK, stride_a2e, stride_a2q, stride_a2f),
+                      mask=mask_f[:, None] & mask_c[None, :], other=0.0).to(DOT)  # [BF, E·r]
+        da2 = tl.zeros((ER_PAD, BLOCK_F), dtype=ACC)
+
+    for tile in range(pid_s, tl.cdiv(T, BLOCK_T), TOKEN_SPLITS):
+        offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < T
+        rows = offs_t.to(tl.int64)
+        pre = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC)
+        grad_m = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC)
+        u = tl.zeros((BLOCK_T, ER_PAD), dtype=ACC)
+        gb2 = tl.zeros((BLOCK_T, ER_PAD), dtype=ACC)
+        for k0 in range(0, D, BLOCK_K):
+            kk = k0 + offs_k
+            mask_k = kk < D
+            mask_tk = mask_t[:, None] & mask_k[None, :]
+            mask_kf = mask_k[:, None] & mask_f[None, :]
+            xk = tl.load(x_ptr + rows[:, None] * stride_xt + kk[None, :] * stride_xd, mask=mask_tk, other=0.0).to(DOT)
+            gk = tl.load(g_ptr + rows[:, None] * stride_gt + kk[None, :] * stride_gd, mask=mask_tk, other=0.0).to(DOT)
+            w1k = tl.load(w1_ptr + offs_f[None, :] * stride_w1f + kk[:, None] * stride_w1d, mask=mask_kf, other=0.0)
+            w2k = tl.load(w2_ptr + kk[:, None] * stride_w2d + offs_f[None, :] * stride_w2f, mask=mask_kf, other=0.0)
+            pre = tl.dot(xk, w1k.to(DOT), pre, input_precision="ieee")
+            grad_m = tl.dot(gk, w2k.to(DOT), grad_m, input_precision="ieee")
+            mask_kc = mask_k[:, None] & mask_c[None, :]
+            if HAS_FC1_LORA:
+                a1k = tl.load(a1_ptr + factor_offsets(offs_c[None, :], kk[:, None], RANK, stride_a1e, stride_a1q, stride_a1d),
+                              mask=mask_kc, other=0.0).to(DOT)
+                u = tl.dot(xk, a1k, u, input_precision="ieee")
+            if HAS_FC2_LORA:
+                b2k = tl.load(bb2_ptr + factor_offsets(offs_c[None, :], kk[:, None], RANK, stride_b2e, stride_b2q, stride_b2d),
+                              mask=mask_kc, other=0.0).to(DOT)
+                gb2 = tl.dot(gk, b2k, gb2, input_precision="ieee")
+        if HAS_BIAS:
+            pre += b1[None, :]
+
+        grad_pre = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC)
+        grad_u = tl.zeros((BLOCK_T, ER_PAD), dtype=ACC)
+        for j in tl.static_range(K_SLOTS):
+            experts = tl.load(idx_ptr + rows * stride_it + j * stride_ij, mask=mask_t, other=0)
+            p = tl.load(p_ptr + rows * stride_pt + j * stride_pj, mask=mask_t, other=0.0).to(ACC)
+            seg = slot_segment(offs_c, experts, RANK, ER)
+            z = pre
+            if HAS_FC1_LORA:
+                u_j = tl.where(seg, u, 0.0).to(DOT)
+                z = tl.dot(u_j, b1t, input_precision="ieee", out_dtype=ACC) * scale + pre
+            h, dh = activation_and_grad(z, ACTIVATION)
+            dp = tl.sum(h * grad_m, axis=1)
+            grad_h = grad_m * p[:, None]
+            if HAS_FC2_LORA:
+                hd = h.to(DOT)
+                v_j = tl.dot(hd, a2t, input_precision="ieee", out_dtype=ACC)
+                dp += scale * tl.sum(tl.where(seg, v_j * gb2, 0.0), axis=1)
+                grad_v = (tl.where(seg, gb2, 0.0) * (scale * p)[:, None]).to(DOT)
+                grad_h += tl.dot(grad_v, tl.trans(a2t), input_precision="ieee", out_dtype=ACC)
+                da2 = tl.dot(tl.trans(grad_v), hd, da2, input_precision="ieee")
+            grad_z = grad_h * dh
+            grad_pre += grad_z
+            if HAS_FC1_LORA:
+                grad_zd = grad_z.to(DOT)
+                grad_u += tl.where(seg, tl.dot(grad_zd, tl.trans(b1t), input_precision="ieee", out_dtype=ACC), 0.0)
+                db1 = tl.dot(tl.trans(grad_zd), u_j, db1, input_precision="ieee")
+            dp_ptrs = dp_ptr + split_f * stride_dps + rows * stride_dpt + j * stride_dpj
+            if ATOMIC:
+                tl.atomic_add(dp_ptrs, dp, mask=mask_t)
+            else:
+                tl.store(dp_ptrs, dp, mask=mask_t)
+
+        tl.store(gpre_ptr + rows[:, None] * stride_gpt + offs_f[None, :] * stride_gpf,
+                 grad_pre.to(gpre_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_f[None, :])
+        if HAS_FC1_LORA:
+            gu_ptrs = gu_ptr + split_f * stride_gus + rows[:, None] * stride_gut + offs_c[None, :] * stride_guc
+            if ATOMIC:
+                tl.atomic_add(gu_ptrs, grad_u * scale, mask=mask_t[:, None] & mask_c[None, :])
+            else:
+                tl.store(gu_ptrs, grad_u * scale, mask=mask_t[:, None] & mask_c[None, :])
+
+    # This program's share of the weight gradients, written straight into [E, r, F] / [E, F, r] layout.
+    if HAS_FC2_LORA:
+        da2_ptrs = da2_ptr + split_t * stride_da2s + factor_offsets(offs_c[:, None], offs_f[None, :], RANK,
+                                                                     stride_da2e, stride_da2q, stride_da2f)
+        if ATOMIC:
+            tl.atomic_add(da2_ptrs, da2, mask=mask_c[:, None] & mask_f[None, :])
+        else:
+            tl.store(da2_ptrs, da2, mask=mask_c[:, None] & mask_f[None, :])
+    if HAS_FC1_LORA:
+        db1_ptrs = db1_ptr + split_t * stride_db1s + factor_offsets(offs_c[None, :], offs_f[:, None], RANK,
+                                                                     stride_db1e, stride_db1q, stride_db1f)
+        if ATOMIC:
+            tl.atomic_add(db1_ptrs, db1 * scale, mask=mask_f[:, None] & mask_c[None, :])
+        else:
+            tl.store(db1_ptrs, db1 * scale, mask=mask_f[:, None] & mask_c[None, :])
+
+
+_GPU_CONFIGS = [
+    triton.Config({"BLOCK_T": bt, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bt, bk, w, s in ((64, 64, 8, 2), (64, 32, 8, 3), (32, 64, 4, 3), (128, 32, 8, 2))
+]
+_tuned = autotuned(_backward_kernel, _GPU_CONFIGS, key=["D", "F", "ER"])
+
+# Programs to aim for along the token splits × F tiles on a GPU (a few per SM of an H100/H200).
+_GPU_TARGET_PROGRAMS = 264
+
+
+@dataclass
+class UpProjectionGrads:
+    """What the backward kernel produces (reduced): see the module docstring.
+
+    grad_pre: [T, F] in x's dtype; grad_weights: [T, k] (without the Σ_j p_j b2 term); grad_u: [T, E·r]
+    (scaled by s; None without fc1 lora); grad_fc1_B: [E, F, r] and grad_fc2_A: [E, r, F] (accumulator
+    dtype; None when not adapted).
+    """
+
+    grad_pre: torch.Tensor
+    grad_weights: torch.Tensor
+    grad_u: torch.Tensor | None
+    grad_fc1_B: torch.Tensor | None
+    grad_fc2_A: torch.Tensor | None
+
+
+def up_projection_backward(grad_y: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                           fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None, fc2_weight: torch.Tensor,
+                           fc1_A: torch.Tensor | None, fc1_B: torch.Tensor | None, fc2_A: torch.Tensor | None,
+                           fc2_B: torch.Tensor | None, scale: float, activation_name: str,
+                           atomic: bool = False) -> UpProjectionGrads:
+    """Run the backward kernel and reduce its split buffers.
+
+    grad_y, x: [T, D]; indices, weights: [T, k]; fc1_weight: [F, D]; fc2_weight: [D, F]; lora factors
+    as in `reference.lowrank_moe_reference`.
+    """
+    T, D = x.shape
+    F = fc1_weight.shape[0]
+    K = indices.shape[1]
+    factor = fc1_A if fc1_A is not None else fc2_A
+    E, R = (factor.shape[0], factor.shape[1]) if factor is not None else (1, 1)
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    block_f = block(F, 16, 128)
+    f_tiles = triton.cdiv(F, block_f)
+    token_splits = 1 if INTERPRET else max(1, min(triton.cdiv(T, 64), triton.cdiv(_GPU_TARGET_PROGRAMS, f_tiles)))
+    split_f, split_t = (1, 1) if atomic else (f_tiles, token_splits)
+    new = torch.zeros if atomic or T == 0 else torch.empty  # T == 0: no program writes its slice
+    opts = {"device": x.device, "dtype": acc_dtype}
+
+    grad_pre = torch.empty(T, F, device=x.device, dtype=x.dtype)
+    dp = new(split_f, T, K, **opts)
+    gu = new(split_f, T, E * R, **opts) if fc1_A is not None else None
+    db1 = new(split_t, E, F, R, **opts) if fc1_A is not None else None
+    da2 = new(split_t, E, R, F, **opts) if fc2_A is not None else None
+    if T > 0:
+        _launch(grad_y, x, indices, weights, fc1_weight, fc1_bias, fc2_weight, fc1_A, fc1_B, fc2_A, fc2_B,
+                grad_pre, dp, gu, da2, db1, scale, activation_name, atomic, block_f, token_splits)
+    reduce = (lambda t: None if t is None else t[0]) if atomic else (lambda t: None if t is None else t.sum(0))  # noqa: E731
+    return UpProjectionGrads(grad_pre, reduce(dp), reduce(gu), reduce(db1), reduce(da2))
+
+
+def _launch(grad_y, x, indices, weights, fc1_weight, fc1_bias, fc2_weight, fc1_A, fc1_B, fc2_A, fc2_B,
+            grad_pre, dp, gu, da2, db1, scale, activation_name, atomic, block_f, token_splits) -> None:
+    T, D = x.shape
+    F = fc1_weight.shape[0]
+    factor = fc1_A if fc1_A is not None else fc2_A
+    E, R = (factor.shape[0], factor.shape[1]) if factor is not None else (1, 1)
+    dummy3, dummy4 = x.new_empty(1, 1, 1), x.new_empty(1, 1, 1, 1)
+    a1, b1, a2, b2 = (t if t is not None else dummy3 for t in (fc1_A, fc1_B, fc2_A, fc2_B))
+    gu_buf = gu if gu is not None else dummy3
+    da2_buf, db1_buf = (t if t is not None else dummy4 for t in (da2, db1))
+    dot, acc = kernel_dtypes(x.dtype)
+    fixed = {"BLOCK_T": block(T, 16, 64), "BLOCK_K": block(D, 16, 128 if INTERPRET else 64), "num_warps": 4}
+    kernel, launch = pick_kernel(_backward_kernel, None if atomic else _tuned, T, fixed)
+    grid = (triton.cdiv(F, block_f), token_splits)
+    kernel[grid](
+        x, grad_y, indices, weights, fc1_weight, fc1_bias if fc1_bias is not None else x, fc2_weight,
+        a1, b1, a2, b2, grad_pre, dp, gu_buf, da2_buf, db1_buf,
+        T, D, F, R, E * R, float(scale), token_splits,
+        x.stride(0), x.stride(1), grad_y.stride(0), grad_y.stride(1), indices.stride(0), indices.stride(1),
+        weights.stride(0), weights.stride(1), fc1_weight.stride(0), fc1_weight.stride(1),
+        fc2_weight.stride(0), fc2_weight.stride(1),
+        a1.stride(0), a1.stride(1), a1.stride(2), b1.stride(0), b1.stride(2), b1.stride(1),
+        a2.stride(0), a2.stride(1), a2.stride(2), b2.stride(0), b2.stride(2), b2.stride(1),
+        grad_pre.stride(0), grad_pre.stride(1), dp.stride(0), dp.stride(1), dp.stride(2),
+        gu_buf.stride(0), gu_buf.stride(1), gu_buf.stride(2),
+        da2_buf.stride(0), da2_buf.stride(1), da2_buf.stride(2), da2_buf.stride(3),
+        db1_buf.stride(0), db1_buf.stride(1), db1_buf.stride(3), db1_buf.stride(2),
+        K_SLOTS=indices.shape[1], HAS_BIAS=fc1_bias is not None, HAS_FC1_LORA=fc1_A is not None,
+        HAS_FC2_LORA=fc2_A is not None, ACTIVATION=activation_name, ATOMIC=atomic, DOT=dot, ACC=acc,
+        ER_PAD=stacked_width(E, R), BLOCK_F=block_f, **launch,
+    )

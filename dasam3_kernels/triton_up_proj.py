@@ -1,0 +1,152 @@
+"""Fused up-projection of the low-rank mixture: fc1 + every expert's fc1 delta + activation + mixing.
+
+For a tile of tokens × a tile of F, one K-loop over D accumulates the frozen product `x W1ᵀ` and the
+shrink `u = x A1ᵀ` of all experts stacked (`[E·r, D]`, fp32 accumulators).  Then, per routing slot j,
+the expand of u's segment of expert e_tj with B1[e_tj] (a masked dot over the stacked rank), the
+activation, and in the epilogue
+
+    m   = Σ_j p_j h_j                       (stored, [T, F]: the down-projection's input)
+    V  += Σ_j p_j (h_j A2ᵀ ⊙ seg_j)          (this F tile's share of the fc2 shrink, [T, E·r])
+
+V is a reduction over the F tiles: each tile writes its own slice of a `[F tiles, T, E·r]` buffer
+that the caller sums (deterministic), or, with `atomic=True`, adds into one slice with float atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_common import (INTERPRET, activation, autotuned, block, factor_offsets, kernel_dtypes, pick_kernel,
+                            slot_segment, stacked_width)
+
+
+@triton.jit
+def _up_projection_kernel(
+    x_ptr, idx_ptr, p_ptr, w1_ptr, b1_ptr, a1_ptr, bb1_ptr, a2_ptr, m_ptr, v_ptr,
+    T, D, F, RANK, ER, scale,
+    stride_xt, stride_xd, stride_it, stride_ij, stride_pt, stride_pj, stride_w1f, stride_w1d,
+    stride_a1e, stride_a1q, stride_a1d, stride_b1e, stride_b1q, stride_b1f,
+    stride_a2e, stride_a2q, stride_a2f, stride_mt, stride_mf, stride_vs, stride_vt, stride_vc,
+    K_SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_FC1_LORA: tl.constexpr, HAS_FC2_LORA: tl.constexpr,
+    ACTIVATION: tl.constexpr, ATOMIC: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
+    ER_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_f = tl.program_id(1)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_c = tl.arange(0, ER_PAD)
+    mask_t = offs_t < T
+    mask_f = offs_f < F
+    rows = offs_t.to(tl.int64)
+
+    # K-loop over D: the frozen fc1 GEMM and the stacked fc1 shrink share the x tile.
+    pre = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC)
+    u = tl.zeros((BLOCK_T, ER_PAD), dtype=ACC)
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + offs_k
+        mask_k = kk < D
+        xk = tl.load(x_ptr + rows[:, None] * stride_xt + kk[None, :] * stride_xd,
+                     mask=mask_t[:, None] & mask_k[None, :], other=0.0).to(DOT)
+        w1k = tl.load(w1_ptr + offs_f[None, :] * stride_w1f + kk[:, None] * stride_w1d,
+                      mask=mask_k[:, None] & mask_f[None, :], other=0.0).to(DOT)
+        pre = tl.dot(xk, w1k, pre, input_precision="ieee")
+        if HAS_FC1_LORA:
+            a1k = tl.load(a1_ptr + factor_offsets(offs_c[None, :], kk[:, None], RANK, stride_a1e, stride_a1q, stride_a1d),
+                          mask=mask_k[:, None] & (offs_c[None, :] < ER), other=0.0).to(DOT)
+            u = tl.dot(xk, a1k, u, input_precision="ieee")
+    if HAS_BIAS:
+        pre += tl.load(b1_ptr + offs_f, mask=mask_f, other=0.0).to(ACC)[None, :]
+
+    if HAS_FC1_LORA:  # B1 stacked [E·r, F] tile: the expand of every expert at once
+        b1t = tl.load(bb1_ptr + factor_offsets(offs_c[:, None], offs_f[None, :], RANK, stride_b1e, stride_b1q, stride_b1f),
+                      mask=(offs_c[:, None] < ER) & mask_f[None, :], other=0.0).to(DOT)
+    if HAS_FC2_LORA:  # A2 stacked, transposed to [F, E·r]
+        a2t = tl.load(a2_ptr + factor_offsets(offs_c[None, :], offs_f[:, None], RANK, stride_a2e, stride_a2q, stride_a2f),
+                      mask=mask_f[:, None] & (offs_c[None, :] < ER), other=0.0).to(DOT)
+
+    mixed = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC)
+    v = tl.zeros((BLOCK_T, ER_PAD), dtype=ACC)
+    for j in tl.static_range(K_SLOTS):
+        experts = tl.load(idx_ptr + rows * stride_it + j * stride_ij, mask=mask_t, other=0)
+        p = tl.load(p_ptr + rows * stride_pt + j * stride_pj, mask=mask_t, other=0.0).to(ACC)
+        seg = slot_segment(offs_c, experts, RANK, ER)
+        z = pre
+        if HAS_FC1_LORA:
+            z = tl.dot(tl.where(seg, u, 0.0).to(DOT), b1t, input_precision="ieee", out_dtype=ACC) * scale + pre
+        h = activation(z, ACTIVATION)
+        mixed += p[:, None] * h
+        if HAS_FC2_LORA:
+            vj = tl.dot(h.to(DOT), a2t, input_precision="ieee", out_dtype=ACC)
+            v += tl.where(seg, vj, 0.0) * p[:, None]
+
+    tl.store(m_ptr + rows[:, None] * stride_mt + offs_f[None, :] * stride_mf, mixed.to(m_ptr.dtype.element_ty),
+             mask=mask_t[:, None] & mask_f[None, :])
+    if HAS_FC2_LORA:
+        v_ptrs = v_ptr + rows[:, None] * stride_vt + offs_c[None, :] * stride_vc
+        mask_v = mask_t[:, None] & (offs_c[None, :] < ER)
+        if ATOMIC:
+            tl.atomic_add(v_ptrs, v, mask=mask_v)
+        else:
+            tl.store(v_ptrs + pid_f * stride_vs, v, mask=mask_v)
+
+
+_GPU_CONFIGS = [
+    triton.Config({"BLOCK_T": bt, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bt, bk, w, s in ((64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 4), (64, 128, 4, 2))
+]
+_tuned = autotuned(_up_projection_kernel, _GPU_CONFIGS, key=["D", "F", "ER"])
+
+
+def _f_block(d_ff: int) -> int:
+    """F tile: not autotuned, since the V buffer has one slice per F tile."""
+    return block(d_ff, 16, 128)
+
+
+def up_projection(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, fc1_weight: torch.Tensor,
+                  fc1_bias: torch.Tensor | None, fc1_A: torch.Tensor | None, fc1_B: torch.Tensor | None,
+                  fc2_A: torch.Tensor | None, scale: float, activation_name: str,
+                  atomic: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`(m [T, F] in x's dtype, V [T, E·r] fp32 or None)` as the module docstring says.
+
+    x: [T, D]; indices, weights: [T, k]; fc1_weight: [F, D]; fc1_A: [E, r, D]; fc1_B: [E, F, r];
+    fc2_A: [E, r, F] (None: projection not adapted).
+    """
+    T, D = x.shape
+    F = fc1_weight.shape[0]
+    factor = fc1_A if fc1_A is not None else fc2_A
+    E, R = (factor.shape[0], factor.shape[1]) if factor is not None else (1, 1)
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    m = torch.empty(T, F, device=x.device, dtype=x.dtype)
+    block_f = _f_block(F)
+    splits = 1 if atomic else triton.cdiv(F, block_f)
+    v = None
+    if fc2_A is not None:
+        v = (torch.zeros if atomic else torch.empty)(splits, T, E * R, device=x.device, dtype=acc_dtype)
+    if T == 0:
+        return m, None if v is None else v.sum(0)
+
+    dot, acc = kernel_dtypes(x.dtype)
+    a1 = fc1_A if fc1_A is not None else x.new_empty(1, 1, 1)
+    b1 = fc1_B if fc1_B is not None else x.new_empty(1, 1, 1)
+    a2 = fc2_A if fc2_A is not None else x.new_empty(1, 1, 1)
+    vbuf = v if v is not None else x.new_empty(1, 1, 1, dtype=acc_dtype)
+    fixed = {"BLOCK_T": block(T, 16, 64), "BLOCK_K": block(D, 16, 128 if INTERPRET else 64), "num_warps": 4}
+    kernel, launch = pick_kernel(_up_projection_kernel, None if atomic else _tuned, T, fixed)
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]), triton.cdiv(F, block_f))  # noqa: E731
+    kernel[grid](
+        x, indices, weights, fc1_weight, fc1_bias if fc1_bias is not None else x, a1, b1, a2, m, vbuf,
+        T, D, F, R, E * R, float(scale),
+        x.stride(0), x.stride(1), indices.stride(0), indices.stride(1), weights.stride(0), weights.stride(1),
+        fc1_weight.stride(0), fc1_weight.stride(1),
+        a1.stride(0), a1.stride(1), a1.stride(2), b1.stride(0), b1.stride(2), b1.stride(1),
+        a2.stride(0), a2.stride(1), a2.stride(2), m.stride(0), m.stride(1),
+        vbuf.stride(0), vbuf.stride(1), vbuf.stride(2),
+        K_SLOTS=indices.shape[1], HAS_BIAS=fc1_bias is not None, HAS_FC1_LORA=fc1_A is not None,
+        HAS_FC2_LORA=fc2_A is not None, ACTIVATION=activation_name, ATOMIC=atomic, DOT=dot, ACC=acc,
+        ER_PAD=stacked_width(E, R), BLOCK_F=block_f, **launch,
+    )
+    return m, None if v is None else (v[0] if atomic else v.sum(0))
