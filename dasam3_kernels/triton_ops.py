@@ -2,7 +2,7 @@
 
 Ops (each with a fake implementation, so `torch.compile` traces through them without graph breaks):
 
-* `triton_route(x, weight, bias, ctx_bias, top_k) -> (indices, weights, probs)` and its backward
+* `triton_route(x, weight, bias, ctx_bias, top_k) -> (weights, probs, indices)` and its backward
   `triton_route_backward(...) -> (grad_logits, grad_x)`: the fused router (`triton_router`).
 * `triton_lowrank_moe(x, indices, weights, W1, b1, W2, b2, A1, B1, A2, B2, scale, activation, atomic)
   -> (y, m, V)`: up-projection kernel then down-projection kernel.  m = Σ_j p_j h_j [T, F] and
@@ -55,14 +55,16 @@ def _lora_shape(A: Tensor | None) -> tuple[int, int]:
 @torch.library.custom_op("dasam3::triton_route", mutates_args=())
 def _route_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], ctx_bias: Optional[Tensor],
               top_k: int) -> tuple[Tensor, Tensor, Tensor]:
-    return route_forward(x, weight, bias, ctx_bias, top_k)
+    # The integer output goes last: opcheck's autograd test sums the outputs into the first one's dtype.
+    indices, weights, probs = route_forward(x, weight, bias, ctx_bias, top_k)
+    return weights, probs, indices
 
 
 @_route_op.register_fake
 def _(x, weight, bias, ctx_bias, top_k):
     T, E = x.shape[0], weight.shape[0]
-    return (x.new_empty(T, top_k, dtype=torch.int64), x.new_empty(T, top_k, dtype=torch.float32),
-            x.new_empty(T, E, dtype=torch.float32))
+    return (x.new_empty(T, top_k, dtype=torch.float32), x.new_empty(T, E, dtype=torch.float32),
+            x.new_empty(T, top_k, dtype=torch.int64))
 
 
 @torch.library.custom_op("dasam3::triton_route_backward", mutates_args=())
@@ -78,14 +80,14 @@ def _(grad_weights, grad_probs, x, weight, indices, weights, probs):
 
 def _route_setup_context(ctx, inputs, output):
     x, weight, bias, ctx_bias, _ = inputs
-    indices, weights, probs = output
+    weights, probs, indices = output
     ctx.mark_non_differentiable(indices)
     ctx.save_for_backward(x, weight, indices, weights, probs)
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.ctx_bias_meta = None if ctx_bias is None else (ctx_bias.shape[0], ctx_bias.dtype)
 
 
-def _route_autograd_backward(ctx, _grad_indices, grad_weights, grad_probs):
+def _route_autograd_backward(ctx, grad_weights, grad_probs, _grad_indices):
     x, weight, indices, weights, probs = ctx.saved_tensors
     grad_logits, grad_x = torch.ops.dasam3.triton_route_backward(grad_weights, grad_probs, x, weight, indices,
                                                                   weights, probs)
@@ -116,7 +118,8 @@ def route(x: Tensor, weight: Tensor, bias: Tensor | None, ctx_bias: Tensor | Non
         rows = ctx_bias.shape[0]
         if rows != num_tokens and (rows == 0 or num_tokens % rows):
             raise ValueError(f"context bias rows must divide the number of tokens {num_tokens}, got {rows}")
-    return _route_op(x, weight, bias, ctx_bias, top_k)
+    weights, probs, indices = _route_op(x, weight, bias, ctx_bias, top_k)
+    return indices, weights, probs
 
 
 # -- mixture of low-rank experts -------------------------------------------------------------------
