@@ -1,8 +1,9 @@
 """Backward of the fused up-projection: recompute the pre-activations from x, never store [T, k, F].
 
 For a tile of F, each program walks a strided subset of the token tiles.  Per token tile, one K-loop
-over D accumulates the recomputed `x W1ᵀ`, the stacked shrink `u = x A1ᵀ`, the incoming
-`grad_m = g W2` and `g B2` (stacked); then, per routing slot j, the recomputed h_j and act'(z_j) give
+over D accumulates the recomputed `x W1ᵀ` and the incoming `grad_m = g W2`; with the stacked
+`u = x A1ᵀ` and `g B2` ([T, E·r] each, small GEMMs done once by the caller), per routing slot j the
+recomputed h_j and act'(z_j) give
 
     dp_j     += Σ_f h_j grad_m + s Σ_r (h_j A2ᵀ ⊙ seg_j) (g B2)        (F-tile share of the routing grad)
     grad_h_j  = p_j grad_m + (s p_j (g B2 ⊙ seg_j)) A2
@@ -23,19 +24,19 @@ import torch
 import triton
 import triton.language as tl
 
+from .torch_path import _stack_down, _stack_up
 from .triton_common import (INTERPRET, activation_and_grad, autotuned, block, factor_offsets, kernel_dtypes,
                             pick_kernel, slot_segment, stacked_width)
 
 
 @triton.jit
 def _backward_kernel(
-    x_ptr, g_ptr, idx_ptr, p_ptr, w1_ptr, b1_ptr, w2_ptr, a1_ptr, bb1_ptr, a2_ptr, bb2_ptr,
+    x_ptr, g_ptr, idx_ptr, p_ptr, w1_ptr, b1_ptr, w2_ptr, u_ptr, bb1_ptr, a2_ptr, gb2_ptr,
     gpre_ptr, dp_ptr, gu_ptr, da2_ptr, db1_ptr,
     T, D, F, RANK, ER, scale, TOKEN_SPLITS,
     stride_xt, stride_xd, stride_gt, stride_gd, stride_it, stride_ij, stride_pt, stride_pj,
-    stride_w1f, stride_w1d, stride_w2d, stride_w2f,
-    stride_a1e, stride_a1q, stride_a1d, stride_b1e, stride_b1q, stride_b1f,
-    stride_a2e, stride_a2q, stride_a2f, stride_b2e, stride_b2q, stride_b2d,
+    stride_w1f, stride_w1d, stride_w2d, stride_w2f, stride_ut, stride_uc, stride_b1e, stride_b1q, stride_b1f,
+    stride_a2e, stride_a2q, stride_a2f, stride_gbt, stride_gbc,
     stride_gpt, stride_gpf, stride_dps, stride_dpt, stride_dpj, stride_gus, stride_gut, stride_guc,
     stride_da2s, stride_da2e, stride_da2q, stride_da2f, stride_db1s, stride_db1e, stride_db1q, stride_db1f,
     K_SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_FC1_LORA: tl.constexpr, HAS_FC2_LORA: tl.constexpr,
@@ -69,8 +70,6 @@ def _backward_kernel(
         rows = offs_t.to(tl.int64)
         pre = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC)
         grad_m = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC)
-        u = tl.zeros((BLOCK_T, ER_PAD), dtype=ACC)
-        gb2 = tl.zeros((BLOCK_T, ER_PAD), dtype=ACC)
         for k0 in range(0, D, BLOCK_K):
             kk = k0 + offs_k
             mask_k = kk < D
@@ -82,17 +81,14 @@ def _backward_kernel(
             w2k = tl.load(w2_ptr + kk[:, None] * stride_w2d + offs_f[None, :] * stride_w2f, mask=mask_kf, other=0.0)
             pre = tl.dot(xk, w1k.to(DOT), pre, input_precision="ieee")
             grad_m = tl.dot(gk, w2k.to(DOT), grad_m, input_precision="ieee")
-            mask_kc = mask_k[:, None] & mask_c[None, :]
-            if HAS_FC1_LORA:
-                a1k = tl.load(a1_ptr + factor_offsets(offs_c[None, :], kk[:, None], RANK, stride_a1e, stride_a1q, stride_a1d),
-                              mask=mask_kc, other=0.0).to(DOT)
-                u = tl.dot(xk, a1k, u, input_precision="ieee")
-            if HAS_FC2_LORA:
-                b2k = tl.load(bb2_ptr + factor_offsets(offs_c[None, :], kk[:, None], RANK, stride_b2e, stride_b2q, stride_b2d),
-                              mask=mask_kc, other=0.0).to(DOT)
-                gb2 = tl.dot(gk, b2k, gb2, input_precision="ieee")
         if HAS_BIAS:
             pre += b1[None, :]
+        mask_tc = mask_t[:, None] & mask_c[None, :]
+        if HAS_FC1_LORA:
+            u = tl.load(u_ptr + rows[:, None] * stride_ut + offs_c[None, :] * stride_uc, mask=mask_tc, other=0.0).to(ACC)
+        if HAS_FC2_LORA:
+            gb2 = tl.load(gb2_ptr + rows[:, None] * stride_gbt + offs_c[None, :] * stride_gbc, mask=mask_tc,
+                          other=0.0).to(ACC)
 
         grad_pre = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC)
         grad_u = tl.zeros((BLOCK_T, ER_PAD), dtype=ACC)
@@ -131,9 +127,9 @@ def _backward_kernel(
         if HAS_FC1_LORA:
             gu_ptrs = gu_ptr + split_f * stride_gus + rows[:, None] * stride_gut + offs_c[None, :] * stride_guc
             if ATOMIC:
-                tl.atomic_add(gu_ptrs, grad_u * scale, mask=mask_t[:, None] & mask_c[None, :])
+                tl.atomic_add(gu_ptrs, grad_u * scale, mask=mask_tc)
             else:
-                tl.store(gu_ptrs, grad_u * scale, mask=mask_t[:, None] & mask_c[None, :])
+                tl.store(gu_ptrs, grad_u * scale, mask=mask_tc)
 
     # This program's share of the weight gradients, written straight into [E, r, F] / [E, F, r] layout.
     if HAS_FC2_LORA:
@@ -190,7 +186,6 @@ def up_projection_backward(grad_y: torch.Tensor, x: torch.Tensor, indices: torch
     """
     T, D = x.shape
     F = fc1_weight.shape[0]
-    K = indices.shape[1]
     factor = fc1_A if fc1_A is not None else fc2_A
     E, R = (factor.shape[0], factor.shape[1]) if factor is not None else (1, 1)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -200,47 +195,39 @@ def up_projection_backward(grad_y: torch.Tensor, x: torch.Tensor, indices: torch
     split_f, split_t = (1, 1) if atomic else (f_tiles, token_splits)
     new = torch.zeros if atomic or T == 0 else torch.empty  # T == 0: no program writes its slice
     opts = {"device": x.device, "dtype": acc_dtype}
+    unused = x.new_empty(1, 1, 1, 1)  # stands in for the buffers of a projection that is not adapted
 
-    grad_pre = torch.empty(T, F, device=x.device, dtype=x.dtype)
-    dp = new(split_f, T, K, **opts)
-    gu = new(split_f, T, E * R, **opts) if fc1_A is not None else None
-    db1 = new(split_t, E, F, R, **opts) if fc1_A is not None else None
-    da2 = new(split_t, E, R, F, **opts) if fc2_A is not None else None
+    bufs = {
+        "grad_pre": torch.empty(T, F, device=x.device, dtype=x.dtype),
+        "dp": new(split_f, T, indices.shape[1], **opts),
+        "gu": new(split_f, T, E * R, **opts) if fc1_A is not None else unused[0],
+        "da2": new(split_t, E, R, F, **opts) if fc2_A is not None else unused,
+        "db1": new(split_t, E, F, R, **opts) if fc1_A is not None else unused,
+    }
+    # The stacked shrinks u = x A1ᵀ and g B2 are [T, E·r]: one small GEMM each, not one per F tile.
+    u = x @ _stack_down(fc1_A).t() if fc1_A is not None else unused[0, 0]
+    gb2 = grad_y @ _stack_up(fc2_B) if fc2_A is not None else unused[0, 0]
+    b1, a2 = (t if t is not None else unused[0] for t in (fc1_B, fc2_A))
     if T > 0:
-        _launch(grad_y, x, indices, weights, fc1_weight, fc1_bias, fc2_weight, fc1_A, fc1_B, fc2_A, fc2_B,
-                grad_pre, dp, gu, da2, db1, scale, activation_name, atomic, block_f, token_splits)
-    reduce = (lambda t: None if t is None else t[0]) if atomic else (lambda t: None if t is None else t.sum(0))  # noqa: E731
-    return UpProjectionGrads(grad_pre, reduce(dp), reduce(gu), reduce(db1), reduce(da2))
+        dot, acc = kernel_dtypes(x.dtype)
+        fixed = {"BLOCK_T": block(T, 16, 64), "BLOCK_K": block(D, 16, 128 if INTERPRET else 64), "num_warps": 4,
+                 "num_stages": 2}
+        kernel, launch = pick_kernel(_backward_kernel, None if atomic else _tuned, T, fixed)
+        kernel[(f_tiles, token_splits)](
+            x, grad_y, indices, weights, fc1_weight, fc1_bias if fc1_bias is not None else x, fc2_weight,
+            u, b1, a2, gb2, *bufs.values(),
+            T, D, F, R, E * R, float(scale), token_splits,
+            *x.stride(), *grad_y.stride(), *indices.stride(), *weights.stride(), *fc1_weight.stride(),
+            *fc2_weight.stride(), *u.stride(), b1.stride(0), b1.stride(2), b1.stride(1), *a2.stride(), *gb2.stride(),
+            *bufs["grad_pre"].stride(), *bufs["dp"].stride(), *bufs["gu"].stride(), *bufs["da2"].stride(),
+            bufs["db1"].stride(0), bufs["db1"].stride(1), bufs["db1"].stride(3), bufs["db1"].stride(2),
+            K_SLOTS=indices.shape[1], HAS_BIAS=fc1_bias is not None, HAS_FC1_LORA=fc1_A is not None,
+            HAS_FC2_LORA=fc2_A is not None, ACTIVATION=activation_name, ATOMIC=atomic, DOT=dot, ACC=acc,
+            ER_PAD=stacked_width(E, R), BLOCK_F=block_f, **launch,
+        )
 
+    def reduce(name: str, adapted: bool) -> torch.Tensor | None:
+        return None if not adapted else bufs[name][0] if atomic else bufs[name].sum(0)
 
-def _launch(grad_y, x, indices, weights, fc1_weight, fc1_bias, fc2_weight, fc1_A, fc1_B, fc2_A, fc2_B,
-            grad_pre, dp, gu, da2, db1, scale, activation_name, atomic, block_f, token_splits) -> None:
-    T, D = x.shape
-    F = fc1_weight.shape[0]
-    factor = fc1_A if fc1_A is not None else fc2_A
-    E, R = (factor.shape[0], factor.shape[1]) if factor is not None else (1, 1)
-    dummy3, dummy4 = x.new_empty(1, 1, 1), x.new_empty(1, 1, 1, 1)
-    a1, b1, a2, b2 = (t if t is not None else dummy3 for t in (fc1_A, fc1_B, fc2_A, fc2_B))
-    gu_buf = gu if gu is not None else dummy3
-    da2_buf, db1_buf = (t if t is not None else dummy4 for t in (da2, db1))
-    dot, acc = kernel_dtypes(x.dtype)
-    fixed = {"BLOCK_T": block(T, 16, 64), "BLOCK_K": block(D, 16, 128 if INTERPRET else 64), "num_warps": 4}
-    kernel, launch = pick_kernel(_backward_kernel, None if atomic else _tuned, T, fixed)
-    grid = (triton.cdiv(F, block_f), token_splits)
-    kernel[grid](
-        x, grad_y, indices, weights, fc1_weight, fc1_bias if fc1_bias is not None else x, fc2_weight,
-        a1, b1, a2, b2, grad_pre, dp, gu_buf, da2_buf, db1_buf,
-        T, D, F, R, E * R, float(scale), token_splits,
-        x.stride(0), x.stride(1), grad_y.stride(0), grad_y.stride(1), indices.stride(0), indices.stride(1),
-        weights.stride(0), weights.stride(1), fc1_weight.stride(0), fc1_weight.stride(1),
-        fc2_weight.stride(0), fc2_weight.stride(1),
-        a1.stride(0), a1.stride(1), a1.stride(2), b1.stride(0), b1.stride(2), b1.stride(1),
-        a2.stride(0), a2.stride(1), a2.stride(2), b2.stride(0), b2.stride(2), b2.stride(1),
-        grad_pre.stride(0), grad_pre.stride(1), dp.stride(0), dp.stride(1), dp.stride(2),
-        gu_buf.stride(0), gu_buf.stride(1), gu_buf.stride(2),
-        da2_buf.stride(0), da2_buf.stride(1), da2_buf.stride(2), da2_buf.stride(3),
-        db1_buf.stride(0), db1_buf.stride(1), db1_buf.stride(3), db1_buf.stride(2),
-        K_SLOTS=indices.shape[1], HAS_BIAS=fc1_bias is not None, HAS_FC1_LORA=fc1_A is not None,
-        HAS_FC2_LORA=fc2_A is not None, ACTIVATION=activation_name, ATOMIC=atomic, DOT=dot, ACC=acc,
-        ER_PAD=stacked_width(E, R), BLOCK_F=block_f, **launch,
-    )
+    return UpProjectionGrads(bufs["grad_pre"], reduce("dp", True), reduce("gu", fc1_A is not None),
+                             reduce("db1", fc1_A is not None), reduce("da2", fc2_A is not None))
