@@ -50,8 +50,9 @@ def _backward_kernel(
     offs_c = tl.arange(0, ER_PAD)
     mask_f = offs_f < F
     mask_c = offs_c < ER
-    split_f = 0 if ATOMIC else pid_f  # slice of the F-tile reductions
-    split_t = 0 if ATOMIC else pid_s  # slice of the token-split reductions
+    # Slices of the F-tile and token-split reductions (int64: slice offsets outgrow int32 first).
+    split_f = pid_f.to(tl.int64) * (0 if ATOMIC else 1)
+    split_t = pid_s.to(tl.int64) * (0 if ATOMIC else 1)
 
     if HAS_BIAS:
         b1 = tl.load(b1_ptr + offs_f, mask=mask_f, other=0.0).to(ACC)
@@ -210,7 +211,7 @@ def up_projection_backward(grad_y: torch.Tensor, x: torch.Tensor, indices: torch
     b1, a2 = (t if t is not None else unused[0] for t in (fc1_B, fc2_A))
     if T > 0:
         dot, acc = kernel_dtypes(x.dtype)
-        fixed = {"BLOCK_T": block(T, 16, 64), "BLOCK_K": block(D, 16, 128 if INTERPRET else 64), "num_warps": 4,
+        fixed = {"BLOCK_T": block(T, 16, 64), "BLOCK_K": block(D, 16, 128 if INTERPRET else 32), "num_warps": 4,
                  "num_stages": 2}
         kernel, launch = pick_kernel(_backward_kernel, None if atomic else _tuned, T, fixed)
         kernel[(f_tiles, token_splits)](

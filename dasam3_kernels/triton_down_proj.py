@@ -89,7 +89,7 @@ def down_projection(inner: torch.Tensor, weight_kn: torch.Tensor, mid: torch.Ten
     p = weights if weights is not None else inner.new_empty(1, 1)
     dot, acc = kernel_dtypes(inner.dtype)
     fixed = {"BLOCK_T": block(T, 16, 64), "BLOCK_N": block(N, 16, 128 if INTERPRET else 64),
-             "BLOCK_K": block(K, 16, 128 if INTERPRET else 64), "num_warps": 4}
+             "BLOCK_K": block(K, 16, 128 if INTERPRET else 64), "num_warps": 4, "num_stages": 2}
     kernel, launch = pick_kernel(_down_projection_kernel, _tuned, T, fixed)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
     kernel[grid](

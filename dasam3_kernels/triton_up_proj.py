@@ -91,7 +91,7 @@ def _up_projection_kernel(
         if ATOMIC:
             tl.atomic_add(v_ptrs, v, mask=mask_v)
         else:
-            tl.store(v_ptrs + pid_f * stride_vs, v, mask=mask_v)
+            tl.store(v_ptrs + pid_f.to(tl.int64) * stride_vs, v, mask=mask_v)
 
 
 _GPU_CONFIGS = [
@@ -134,7 +134,8 @@ def up_projection(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
     b1 = fc1_B if fc1_B is not None else x.new_empty(1, 1, 1)
     a2 = fc2_A if fc2_A is not None else x.new_empty(1, 1, 1)
     vbuf = v if v is not None else x.new_empty(1, 1, 1, dtype=acc_dtype)
-    fixed = {"BLOCK_T": block(T, 16, 64), "BLOCK_K": block(D, 16, 128 if INTERPRET else 64), "num_warps": 4}
+    fixed = {"BLOCK_T": block(T, 16, 64), "BLOCK_K": block(D, 16, 128 if INTERPRET else 64), "num_warps": 4,
+             "num_stages": 2}
     kernel, launch = pick_kernel(_up_projection_kernel, None if atomic else _tuned, T, fixed)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]), triton.cdiv(F, block_f))  # noqa: E731
     kernel[grid](
