@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .torch_path import _stack_down, _stack_up
 from .triton_common import (INTERPRET, activation_and_grad, autotuned, block, factor_offsets, kernel_dtypes,
-                            pick_kernel, slot_segment, stacked_width)
+                            load_slot, load_stacked, load_tile, lora_expand, pick_kernel, stacked_width)
 
 
 @triton.jit
@@ -56,13 +56,11 @@ def _backward_kernel(
 
     if HAS_BIAS:
         b1 = tl.load(b1_ptr + offs_f, mask=mask_f, other=0.0).to(ACC)
-    if HAS_FC1_LORA:
-        b1t = tl.load(bb1_ptr + factor_offsets(offs_c[:, None], offs_f[None, :], RANK, stride_b1e, stride_b1q, stride_b1f),
-                      mask=mask_c[:, None] & mask_f[None, :], other=0.0).to(DOT)  # [E·r, BF]
+    if HAS_FC1_LORA:  # [E·r, BF]
+        b1t = load_stacked(bb1_ptr, offs_c, offs_f, mask_f, RANK, ER, stride_b1e, stride_b1q, stride_b1f, False).to(DOT)
         db1 = tl.zeros((BLOCK_F, ER_PAD), dtype=ACC)
-    if HAS_FC2_LORA:
-        a2t = tl.load(a2_ptr + factor_offsets(offs_c[None, :], offs_f[:, None], RANK, stride_a2e, stride_a2q, stride_a2f),
-                      mask=mask_f[:, None] & mask_c[None, :], other=0.0).to(DOT)  # [BF, E·r]
+    if HAS_FC2_LORA:  # [BF, E·r]
+        a2t = load_stacked(a2_ptr, offs_c, offs_f, mask_f, RANK, ER, stride_a2e, stride_a2q, stride_a2f, True).to(DOT)
         da2 = tl.zeros((ER_PAD, BLOCK_F), dtype=ACC)
 
     for tile in range(pid_s, tl.cdiv(T, BLOCK_T), TOKEN_SPLITS):
@@ -74,33 +72,27 @@ def _backward_kernel(
         for k0 in range(0, D, BLOCK_K):
             kk = k0 + offs_k
             mask_k = kk < D
-            mask_tk = mask_t[:, None] & mask_k[None, :]
-            mask_kf = mask_k[:, None] & mask_f[None, :]
-            xk = tl.load(x_ptr + rows[:, None] * stride_xt + kk[None, :] * stride_xd, mask=mask_tk, other=0.0).to(DOT)
-            gk = tl.load(g_ptr + rows[:, None] * stride_gt + kk[None, :] * stride_gd, mask=mask_tk, other=0.0).to(DOT)
-            w1k = tl.load(w1_ptr + offs_f[None, :] * stride_w1f + kk[:, None] * stride_w1d, mask=mask_kf, other=0.0)
-            w2k = tl.load(w2_ptr + kk[:, None] * stride_w2d + offs_f[None, :] * stride_w2f, mask=mask_kf, other=0.0)
-            pre = tl.dot(xk, w1k.to(DOT), pre, input_precision="ieee")
-            grad_m = tl.dot(gk, w2k.to(DOT), grad_m, input_precision="ieee")
+            xk = load_tile(x_ptr, rows, kk, mask_t, mask_k, stride_xt, stride_xd).to(DOT)
+            gk = load_tile(g_ptr, rows, kk, mask_t, mask_k, stride_gt, stride_gd).to(DOT)
+            w1k = load_tile(w1_ptr, kk, offs_f, mask_k, mask_f, stride_w1d, stride_w1f).to(DOT)
+            w2k = load_tile(w2_ptr, kk, offs_f, mask_k, mask_f, stride_w2d, stride_w2f).to(DOT)
+            pre = tl.dot(xk, w1k, pre, input_precision="ieee")
+            grad_m = tl.dot(gk, w2k, grad_m, input_precision="ieee")
         if HAS_BIAS:
             pre += b1[None, :]
-        mask_tc = mask_t[:, None] & mask_c[None, :]
         if HAS_FC1_LORA:
-            u = tl.load(u_ptr + rows[:, None] * stride_ut + offs_c[None, :] * stride_uc, mask=mask_tc, other=0.0).to(ACC)
+            u = load_tile(u_ptr, rows, offs_c, mask_t, mask_c, stride_ut, stride_uc).to(ACC)
         if HAS_FC2_LORA:
-            gb2 = tl.load(gb2_ptr + rows[:, None] * stride_gbt + offs_c[None, :] * stride_gbc, mask=mask_tc,
-                          other=0.0).to(ACC)
+            gb2 = load_tile(gb2_ptr, rows, offs_c, mask_t, mask_c, stride_gbt, stride_gbc).to(ACC)
 
         grad_pre = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC)
         grad_u = tl.zeros((BLOCK_T, ER_PAD), dtype=ACC)
         for j in tl.static_range(K_SLOTS):
-            experts = tl.load(idx_ptr + rows * stride_it + j * stride_ij, mask=mask_t, other=0)
-            p = tl.load(p_ptr + rows * stride_pt + j * stride_pj, mask=mask_t, other=0.0).to(ACC)
-            seg = slot_segment(offs_c, experts, RANK, ER)
+            p, seg = load_slot(idx_ptr, p_ptr, rows, mask_t, j, stride_it, stride_ij, stride_pt, stride_pj, offs_c, RANK,
+                               ER, ACC)
             z = pre
             if HAS_FC1_LORA:
-                u_j = tl.where(seg, u, 0.0).to(DOT)
-                z = tl.dot(u_j, b1t, input_precision="ieee", out_dtype=ACC) * scale + pre
+                z, u_j = lora_expand(pre, u, seg, b1t, scale, DOT, ACC)
             h, dh = activation_and_grad(z, ACTIVATION)
             dp = tl.sum(h * grad_m, axis=1)
             grad_h = grad_m * p[:, None]
@@ -127,6 +119,7 @@ def _backward_kernel(
                  grad_pre.to(gpre_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_f[None, :])
         if HAS_FC1_LORA:
             gu_ptrs = gu_ptr + split_f * stride_gus + rows[:, None] * stride_gut + offs_c[None, :] * stride_guc
+            mask_tc = mask_t[:, None] & mask_c[None, :]
             if ATOMIC:
                 tl.atomic_add(gu_ptrs, grad_u * scale, mask=mask_tc)
             else:

@@ -86,9 +86,39 @@ def factor_offsets(c, n, RANK, stride_e, stride_q, stride_n):
 
 
 @triton.jit
-def slot_segment(offs_c, experts, RANK, ER):
-    """[BT, ER_PAD] mask: the RANK stacked columns of each token's expert for this slot."""
-    return ((offs_c[None, :] // RANK) == experts[:, None]) & (offs_c[None, :] < ER)
+def load_tile(ptr, rows, cols, mask_rows, mask_cols, stride_row, stride_col):
+    """The [rows, cols] tile of a strided matrix, zero outside the masks."""
+    return tl.load(ptr + rows[:, None] * stride_row + cols[None, :] * stride_col,
+                   mask=mask_rows[:, None] & mask_cols[None, :], other=0.0)
+
+
+@triton.jit
+def load_stacked(ptr, offs_c, offs_n, mask_n, RANK, ER, stride_e, stride_q, stride_n, TRANSPOSED: tl.constexpr):
+    """A tile of a stacked factor: [E·r (padded), BN], or [BN, E·r] when TRANSPOSED; zero padded."""
+    if TRANSPOSED:
+        tile = tl.load(ptr + factor_offsets(offs_c[None, :], offs_n[:, None], RANK, stride_e, stride_q, stride_n),
+                       mask=mask_n[:, None] & (offs_c[None, :] < ER), other=0.0)
+    else:
+        tile = tl.load(ptr + factor_offsets(offs_c[:, None], offs_n[None, :], RANK, stride_e, stride_q, stride_n),
+                       mask=(offs_c[:, None] < ER) & mask_n[None, :], other=0.0)
+    return tile
+
+
+@triton.jit
+def load_slot(idx_ptr, p_ptr, rows, mask_t, j, stride_it, stride_ij, stride_pt, stride_pj, offs_c, RANK, ER,
+              ACC: tl.constexpr):
+    """Routing slot j of a token tile: (weights p_j [BT], segment mask [BT, E·r] of expert e_j's columns)."""
+    experts = tl.load(idx_ptr + rows * stride_it + j * stride_ij, mask=mask_t, other=0)
+    p = tl.load(p_ptr + rows * stride_pt + j * stride_pj, mask=mask_t, other=0.0).to(ACC)
+    segment = ((offs_c[None, :] // RANK) == experts[:, None]) & (offs_c[None, :] < ER)
+    return p, segment
+
+
+@triton.jit
+def lora_expand(pre, u, segment, b1t, scale, DOT: tl.constexpr, ACC: tl.constexpr):
+    """(z_j = pre + s (u ⊙ seg_j) B1ᵀ, the masked u_j): the slot's expert's fc1 delta, as one masked dot."""
+    u_j = tl.where(segment, u, 0.0).to(DOT)
+    return tl.dot(u_j, b1t, input_precision="ieee", out_dtype=ACC) * scale + pre, u_j
 
 
 @triton.jit

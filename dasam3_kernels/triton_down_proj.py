@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import INTERPRET, autotuned, block, factor_offsets, kernel_dtypes, pick_kernel, stacked_width
+from .triton_common import INTERPRET, autotuned, block, kernel_dtypes, load_stacked, load_tile, pick_kernel, stacked_width
 
 
 @triton.jit
@@ -38,18 +38,14 @@ def _down_projection_kernel(
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         mask_k = kk < K
-        ak = tl.load(a_ptr + rows[:, None] * stride_at + kk[None, :] * stride_ak,
-                     mask=mask_t[:, None] & mask_k[None, :], other=0.0).to(DOT)
-        wk = tl.load(w_ptr + kk[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                     mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(DOT)
+        ak = load_tile(a_ptr, rows, kk, mask_t, mask_k, stride_at, stride_ak).to(DOT)
+        wk = load_tile(w_ptr, kk, offs_n, mask_k, mask_n, stride_wk, stride_wn).to(DOT)
         acc = tl.dot(ak, wk, acc, input_precision="ieee")
 
     if HAS_LORA:  # one more K-chunk: the stacked rank of all experts
         offs_c = tl.arange(0, ER_PAD)
-        mid = tl.load(mid_ptr + rows[:, None] * stride_mt + offs_c[None, :] * stride_mc,
-                      mask=mask_t[:, None] & (offs_c[None, :] < ER), other=0.0).to(DOT)
-        fac = tl.load(fac_ptr + factor_offsets(offs_c[:, None], offs_n[None, :], RANK, stride_fe, stride_fq, stride_fn),
-                      mask=(offs_c[:, None] < ER) & mask_n[None, :], other=0.0).to(DOT)
+        mid = load_tile(mid_ptr, rows, offs_c, mask_t, offs_c < ER, stride_mt, stride_mc).to(DOT)
+        fac = load_stacked(fac_ptr, offs_c, offs_n, mask_n, RANK, ER, stride_fe, stride_fq, stride_fn, False).to(DOT)
         acc += scale * tl.dot(mid, fac, input_precision="ieee", out_dtype=ACC)
     if HAS_BIAS:  # Σ_j p_j b2: the reference's function of p even when p does not sum to one
         p_sum = tl.zeros((BLOCK_T,), dtype=ACC)

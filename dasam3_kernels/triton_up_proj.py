@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (INTERPRET, activation, autotuned, block, factor_offsets, kernel_dtypes, pick_kernel,
-                            slot_segment, stacked_width)
+from .triton_common import (INTERPRET, activation, autotuned, block, kernel_dtypes, load_slot, load_stacked, load_tile,
+                            lora_expand, pick_kernel, stacked_width)
 
 
 @triton.jit
@@ -49,34 +49,28 @@ def _up_projection_kernel(
     for k0 in range(0, D, BLOCK_K):
         kk = k0 + offs_k
         mask_k = kk < D
-        xk = tl.load(x_ptr + rows[:, None] * stride_xt + kk[None, :] * stride_xd,
-                     mask=mask_t[:, None] & mask_k[None, :], other=0.0).to(DOT)
-        w1k = tl.load(w1_ptr + offs_f[None, :] * stride_w1f + kk[:, None] * stride_w1d,
-                      mask=mask_k[:, None] & mask_f[None, :], other=0.0).to(DOT)
+        xk = load_tile(x_ptr, rows, kk, mask_t, mask_k, stride_xt, stride_xd).to(DOT)
+        w1k = load_tile(w1_ptr, kk, offs_f, mask_k, mask_f, stride_w1d, stride_w1f).to(DOT)
         pre = tl.dot(xk, w1k, pre, input_precision="ieee")
         if HAS_FC1_LORA:
-            a1k = tl.load(a1_ptr + factor_offsets(offs_c[None, :], kk[:, None], RANK, stride_a1e, stride_a1q, stride_a1d),
-                          mask=mask_k[:, None] & (offs_c[None, :] < ER), other=0.0).to(DOT)
-            u = tl.dot(xk, a1k, u, input_precision="ieee")
+            a1k = load_stacked(a1_ptr, offs_c, kk, mask_k, RANK, ER, stride_a1e, stride_a1q, stride_a1d, True)
+            u = tl.dot(xk, a1k.to(DOT), u, input_precision="ieee")
     if HAS_BIAS:
         pre += tl.load(b1_ptr + offs_f, mask=mask_f, other=0.0).to(ACC)[None, :]
 
     if HAS_FC1_LORA:  # B1 stacked [E·r, F] tile: the expand of every expert at once
-        b1t = tl.load(bb1_ptr + factor_offsets(offs_c[:, None], offs_f[None, :], RANK, stride_b1e, stride_b1q, stride_b1f),
-                      mask=(offs_c[:, None] < ER) & mask_f[None, :], other=0.0).to(DOT)
+        b1t = load_stacked(bb1_ptr, offs_c, offs_f, mask_f, RANK, ER, stride_b1e, stride_b1q, stride_b1f, False).to(DOT)
     if HAS_FC2_LORA:  # A2 stacked, transposed to [F, E·r]
-        a2t = tl.load(a2_ptr + factor_offsets(offs_c[None, :], offs_f[:, None], RANK, stride_a2e, stride_a2q, stride_a2f),
-                      mask=mask_f[:, None] & (offs_c[None, :] < ER), other=0.0).to(DOT)
+        a2t = load_stacked(a2_ptr, offs_c, offs_f, mask_f, RANK, ER, stride_a2e, stride_a2q, stride_a2f, True).to(DOT)
 
     mixed = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC)
     v = tl.zeros((BLOCK_T, ER_PAD), dtype=ACC)
     for j in tl.static_range(K_SLOTS):
-        experts = tl.load(idx_ptr + rows * stride_it + j * stride_ij, mask=mask_t, other=0)
-        p = tl.load(p_ptr + rows * stride_pt + j * stride_pj, mask=mask_t, other=0.0).to(ACC)
-        seg = slot_segment(offs_c, experts, RANK, ER)
+        p, seg = load_slot(idx_ptr, p_ptr, rows, mask_t, j, stride_it, stride_ij, stride_pt, stride_pj, offs_c, RANK, ER,
+                           ACC)
         z = pre
         if HAS_FC1_LORA:
-            z = tl.dot(tl.where(seg, u, 0.0).to(DOT), b1t, input_precision="ieee", out_dtype=ACC) * scale + pre
+            z, _ = lora_expand(pre, u, seg, b1t, scale, DOT, ACC)
         h = activation(z, ACTIVATION)
         mixed += p[:, None] * h
         if HAS_FC2_LORA:

@@ -3,6 +3,7 @@ multi-tile shapes, unfrozen FFN weights, and the layer end to end against the re
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 
 import pytest
@@ -154,3 +155,24 @@ def test_layer_compiles_fullgraph_with_the_fused_ops():
     assert_close(y, y_eager, 1e-6, "compiled output")
     for name, grad in grads_eager.items():
         assert_close(grads[name], grad, 1e-6, f"compiled d{name}")
+
+
+def test_device_error_says_what_is_missing(monkeypatch):
+    from dasam3_kernels import triton_common
+
+    assert triton_ops.device_error(torch.device("cuda")) is None
+    monkeypatch.setattr(triton_common, "INTERPRET", False)
+    assert "TRITON_INTERPRET=1" in triton_ops.device_error(torch.device("cpu"))
+    assert "CUDA device" in triton_ops.device_error(torch.device("meta"))
+
+
+def test_missing_triton_is_a_runtime_error_saying_how_to_get_it(monkeypatch):
+    import dasam3_kernels
+    from dasam3_kernels import backends
+
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now fails as if not installed
+    for name in [m for m in sys.modules if m.startswith("dasam3_kernels.triton_")]:
+        monkeypatch.delitem(sys.modules, name)
+        monkeypatch.delattr(dasam3_kernels, name.rsplit(".", 1)[1], raising=False)
+    with pytest.raises(RuntimeError, match=r"backend 'triton' is not available.*pip install 'dasam3\[triton\]'"):
+        backends._load_triton()
