@@ -34,6 +34,7 @@ from dasam3_kernels import available_backends, load_backend, routing
 from dasam3_kernels.activations import activation_fn
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+FORWARD, TRAIN = "forward_ms", "train_step_ms"
 GOALS = {"triton_forward_vs_dense": 1.15, "triton_train_vs_dense": 1.35, "torch_vs_triton_forward": 2.0}
 
 
@@ -100,7 +101,7 @@ def _timed(forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor], grad
         torch.cuda.synchronize()
         out["train_step_peak_extra_MiB"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
     for mode in ("eager", "graph"):
-        out[mode] = {"forward_ms": _bench(infer, mode == "graph"), "train_step_ms": _bench(train_step, mode == "graph")}
+        out[mode] = {FORWARD: _bench(infer, mode == "graph"), TRAIN: _bench(train_step, mode == "graph")}
     return out
 
 
@@ -161,28 +162,30 @@ def _op_variants(args, activation, x, grad_out) -> dict:
     return results
 
 
-def _ratio(numerator: float | None, denominator: float | None) -> float | None:
-    return None if numerator is None or denominator is None else round(numerator / denominator, 3)
+# name: (numerator, denominator), each (table, variant, timing).
+RATIOS = {
+    "triton_forward_vs_dense": (("layers", "triton", FORWARD), ("layers", "dense", FORWARD)),
+    "triton_train_vs_dense": (("layers", "triton", TRAIN), ("layers", "dense", TRAIN)),
+    "torch_vs_triton_forward": (("layers", "torch", FORWARD), ("layers", "triton", FORWARD)),
+    "torch_vs_triton_train": (("layers", "torch", TRAIN), ("layers", "triton", TRAIN)),
+    "standard_moe_vs_triton_train": (("layers", "standard_moe", TRAIN), ("layers", "triton", TRAIN)),
+    "op_triton_forward_vs_dense": (("ops", "triton", FORWARD), ("layers", "dense", FORWARD)),
+    "op_triton_train_vs_dense": (("ops", "triton", TRAIN), ("layers", "dense", TRAIN)),
+    "op_torch_vs_triton_forward": (("ops", "torch", FORWARD), ("ops", "triton", FORWARD)),
+}
 
 
-def _ratios(layers: dict, ops: dict) -> dict:
-    """Per timing mode: the issue's three goals on the layers, and the same on the bare ops."""
+def _ratios(tables: dict) -> dict:
+    """Per timing mode: the issue's goals on the layers, and the same on the bare ops (None: not timed)."""
+    def ms(mode, table, variant, timing):
+        return tables[table].get(variant, {}).get(mode, {}).get(timing)
+
     out = {}
     for mode in ("eager", "graph"):
-        def ms(table, name, what):
-            return table.get(name, {}).get(mode, {}).get(what)
-
-        out[mode] = {
-            "triton_forward_vs_dense": _ratio(ms(layers, "triton", "forward_ms"), ms(layers, "dense", "forward_ms")),
-            "triton_train_vs_dense": _ratio(ms(layers, "triton", "train_step_ms"), ms(layers, "dense", "train_step_ms")),
-            "torch_vs_triton_forward": _ratio(ms(layers, "torch", "forward_ms"), ms(layers, "triton", "forward_ms")),
-            "torch_vs_triton_train": _ratio(ms(layers, "torch", "train_step_ms"), ms(layers, "triton", "train_step_ms")),
-            "standard_moe_vs_triton_train": _ratio(ms(layers, "standard_moe", "train_step_ms"),
-                                                   ms(layers, "triton", "train_step_ms")),
-            "op_triton_forward_vs_dense": _ratio(ms(ops, "triton", "forward_ms"), ms(layers, "dense", "forward_ms")),
-            "op_triton_train_vs_dense": _ratio(ms(ops, "triton", "train_step_ms"), ms(layers, "dense", "train_step_ms")),
-            "op_torch_vs_triton_forward": _ratio(ms(ops, "torch", "forward_ms"), ms(ops, "triton", "forward_ms")),
-        }
+        out[mode] = {}
+        for name, (numerator, denominator) in RATIOS.items():
+            num, den = ms(mode, *numerator), ms(mode, *denominator)
+            out[mode][name] = None if num is None or den is None else round(num / den, 3)
     return out
 
 
@@ -232,7 +235,8 @@ def main(argv=None) -> int:
     for activation in args.activations:  # written after each, so a cut-short run still leaves figures
         layers = _layer_variants(args, activation, x, grad_out)
         ops = _op_variants(args, activation, x, grad_out)
-        payload["results"][activation] = {"layers": layers, "ops": ops, "ratios": _ratios(layers, ops)}
+        payload["results"][activation] = {"layers": layers, "ops": ops,
+                                          "ratios": _ratios({"layers": layers, "ops": ops})}
         payload["autotuned_configs"] = _autotuned_configs()
         payload["benchmark_seconds"] = round(time.time() - started, 1)
         _write_atomically(args.out, payload)

@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import INTERPRET, autotuned, block, kernel_dtypes, load_stacked, load_tile, pick_kernel, stacked_width
+from .triton_common import (INTERPRET, autotuned, block, kernel_dtypes, load_stacked, load_tile, pick_kernel,
+                            stacked_width)
 
 
 @triton.jit

@@ -177,9 +177,11 @@ def _lowrank_moe_backward_op(
 @_lowrank_moe_backward_op.register_fake
 def _(grad_y, x, indices, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc1_A, fc1_B, fc2_A, fc2_B, lora_mid,
       scale, activation, atomic, compute_dx):
-    like = lambda t: x.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
-    return (x.new_empty(x.shape) if compute_dx else x.new_empty(0), torch.empty_like(weights, memory_format=torch.contiguous_format),
-            like(fc1_A), like(fc1_B), like(fc2_A), like(fc2_B), x.new_empty(x.shape[0], fc1_weight.shape[0]))
+    def like(t):
+        return x.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
+
+    return (x.new_empty(x.shape) if compute_dx else x.new_empty(0), like(weights), like(fc1_A), like(fc1_B),
+            like(fc2_A), like(fc2_B), x.new_empty(x.shape[0], fc1_weight.shape[0]))
 
 
 def _lowrank_moe_setup_context(ctx, inputs, output):

@@ -149,7 +149,8 @@ def route_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def route_backward(grad_weights: torch.Tensor, grad_probs: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                   indices: torch.Tensor, weights: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                   indices: torch.Tensor, weights: torch.Tensor,
+                   probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`(grad_logits [T, E] fp32, grad_x [T, D] in x's dtype)` from the gradients of the router's outputs."""
     T, D = x.shape
     E = weight.shape[0]

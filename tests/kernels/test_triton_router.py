@@ -39,7 +39,9 @@ def _routed(fn, x, weight, bias, ctx_bias, top_k):
     loss = (weights * torch.randn(weights.shape, generator=gen).to(weights)).sum() + \
         (probs * torch.randn(probs.shape, generator=gen).to(probs)).sum()
     leaves = [t for t in (x, weight, bias, ctx_bias) if t is not None]
-    grads = torch.autograd.grad(loss, leaves) if loss.requires_grad and x.shape[0] else [torch.zeros_like(t) for t in leaves]
+    if not x.shape[0]:
+        return indices, weights, probs, [torch.zeros_like(t) for t in leaves]
+    grads = torch.autograd.grad(loss, leaves)
     return indices, weights, probs, grads
 
 
