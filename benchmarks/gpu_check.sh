@@ -33,13 +33,13 @@ PYTEST_ARGS=(tests/kernels -q -p no:cacheprovider --durations=15)
 "$PYTHON" -c 'import xdist' 2>/dev/null && PYTEST_ARGS+=(-n 8)  # Triton compiles on 8 CPU cores at once
 "$PYTHON" -c 'import pytest_timeout' 2>/dev/null && PYTEST_ARGS+=(--timeout=150)
 START=$SECONDS
-DASAM3_TEST_DEVICE=cuda timeout 270 "$PYTHON" -m pytest "${PYTEST_ARGS[@]}"
+DASAM3_TEST_DEVICE=cuda timeout 240 "$PYTHON" -m pytest "${PYTEST_ARGS[@]}"
 TESTS_RC=$?
 echo "tests exit code $TESTS_RC after $((SECONDS - START)) s"
 
 echo "== benchmark"
 START=$SECONDS
-timeout 170 "$PYTHON" benchmarks/gpu_check.py --tests-exit-code "$TESTS_RC" --out "$JSON"
+timeout 200 "$PYTHON" benchmarks/gpu_check.py --tests-exit-code "$TESTS_RC" --out "$JSON"
 BENCH_RC=$?
 echo "benchmark exit code $BENCH_RC after $((SECONDS - START)) s"
 
