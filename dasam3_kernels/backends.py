@@ -53,10 +53,16 @@ def _load_torch() -> Backend:
 
 
 def _load_triton() -> Backend:
-    raise RuntimeError(
-        "backend 'triton' is not available: the fused Triton kernels are not part of this build "
-        "(they need `pip install triton` and a CUDA GPU, or TRITON_INTERPRET=1 on the CPU)"
-    )
+    try:
+        from . import triton_ops
+    except ModuleNotFoundError as error:
+        if error.name != "triton":
+            raise
+        raise RuntimeError(
+            "backend 'triton' is not available: the package `triton` is not installed "
+            "(`pip install 'dasam3[triton]'`; it runs on CUDA GPUs, or on the CPU with TRITON_INTERPRET=1)"
+        ) from error
+    return Backend("triton", triton_ops.lowrank_moe, route=triton_ops.route, device_error=triton_ops.device_error)
 
 
 def _load_extension(device_type: str) -> Backend:

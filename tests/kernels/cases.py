@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from dasam3_kernels import lowrank_moe_reference
+
+# The device the conformance suite runs on: CPU in CI; the GPU check script sets DASAM3_TEST_DEVICE=cuda.
+DEVICE = os.environ.get("DASAM3_TEST_DEVICE", "cpu")
 
 LORA = ("fc1_A", "fc1_B", "fc2_A", "fc2_B")
 FROZEN = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
@@ -86,7 +90,7 @@ class Problem:
                        self.weights.detach().clone().requires_grad_(), {n: convert(t) for n, t in self.tensors.items()})
 
 
-def make_problem(case: Case, device: str = "cpu", seed: int = 0) -> Problem:
+def make_problem(case: Case, device: str = DEVICE, seed: int = 0) -> Problem:
     """Random inputs with lora_B non-zero (the zero init would hide every fc-B gradient bug)."""
     gen = torch.Generator().manual_seed(seed)
     T, D, F, E, k, r = case.tokens, case.d_model, case.d_ff, case.experts, case.top_k, case.rank
@@ -145,7 +149,7 @@ def assert_close(actual: torch.Tensor | None, expected: torch.Tensor | None, tol
     assert error <= tol * scale, f"{what}: max error {error:.3g} > {tol} x scale {scale:.3g}"
 
 
-def check_against_reference(op, case: Case, device: str = "cpu") -> None:
+def check_against_reference(op, case: Case, device: str = DEVICE) -> None:
     """Forward and every gradient of `op` against the fp32 reference on the same (rounded) inputs."""
     problem = make_problem(case, device)
     y, grad_out, grads = forward_backward(op, problem)

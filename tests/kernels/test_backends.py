@@ -11,9 +11,9 @@ import torch
 
 from dasam3_kernels import available_backends, load_backend, lowrank_moe_reference, routing
 
-from .cases import EDGE_CASES, LOW_PRECISION_CASES, Case, assert_close, check_against_reference, make_problem
+from .cases import DEVICE, EDGE_CASES, LOW_PRECISION_CASES, Case, assert_close, check_against_reference, make_problem
 
-FAST_BACKENDS = [name for name in available_backends("cpu") if name != "reference"]
+FAST_BACKENDS = [name for name in available_backends(DEVICE) if name != "reference"]
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
@@ -51,15 +51,15 @@ def test_reference_matches_closed_form():
 def test_route_matches_torch(backend: str, context_rows: int):
     """The (possibly fused) router against `routing.route`: same experts, weights, probs, gradients."""
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(12, 10, generator=gen, requires_grad=True)
-    weight = torch.randn(5, 10, generator=gen, requires_grad=True)
-    bias = torch.randn(5, generator=gen, requires_grad=True)
-    ctx = torch.randn(context_rows, 5, generator=gen, requires_grad=True) if context_rows else None
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(DEVICE).requires_grad_()  # noqa: E731
+    x, weight, bias = rand(12, 10), rand(5, 10), rand(5)
+    ctx = rand(context_rows, 5) if context_rows else None
     leaves = [t for t in (x, weight, bias, ctx) if t is not None]
 
     def run(fn):
         indices, weights, probs = fn(x, weight, bias, ctx, 2)
-        loss = (weights * torch.arange(1.0, 3.0)).sum() + (probs.log() * torch.linspace(0, 1, 5)).sum()
+        loss = (weights * torch.arange(1.0, 3.0, device=DEVICE)).sum() + \
+            (probs.log() * torch.linspace(0, 1, 5, device=DEVICE)).sum()
         return indices, weights, probs, torch.autograd.grad(loss, leaves)
 
     expected = run(routing.route)

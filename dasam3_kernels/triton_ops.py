@@ -1,0 +1,233 @@
+"""The Triton backend: the fused kernels as `torch.ops.dasam3.triton_*` custom ops, with autograd.
+
+Ops (each with a fake implementation, so `torch.compile` traces through them without graph breaks):
+
+* `triton_route(x, weight, bias, ctx_bias, top_k) -> (weights, probs, indices)` and its backward
+  `triton_route_backward(...) -> (grad_logits, grad_x)`: the fused router (`triton_router`).
+* `triton_lowrank_moe(x, indices, weights, W1, b1, W2, b2, A1, B1, A2, B2, scale, activation, atomic)
+  -> (y, m, V)`: up-projection kernel then down-projection kernel.  m = Σ_j p_j h_j [T, F] and
+  V = Σ_j p_j (h_j A2ᵀ ⊙ seg_j) [T, E·r] are returned for autograd only.
+* `triton_lowrank_moe_backward(...) -> (dx, d weights, dA1, dB1, dA2, dB2, grad_pre)`: the backward
+  kernel, the down-projection kernel reused for dx, and two small GEMMs (dA1 = grad_Uᵀ x,
+  dB2 = s gᵀ V).
+
+Saved for backward by `triton_lowrank_moe` (the activations; the frozen and lora weights are
+parameters): x [T, D], indices [T, k] int64, weights [T, k], V [T, E·r] in fp32 — the pre-activations
+`[T, k, F]` are recomputed from x.  Only if someone unfreezes fc2's weight is m [T, F] saved too
+(for dW2 = gᵀ m); unfrozen fc1/fc2 weights and biases get their gradients from plain torch GEMMs
+here, so the fused path stays correct for any `requires_grad`.
+
+Cross-tile reductions are deterministic (split buffers, then a sum) unless `atomic=True` (or the
+environment variable DASAM3_TRITON_ATOMICS=1), which adds with float atomics instead.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .activations import check_activation
+from .triton_backward import up_projection_backward
+from .triton_common import device_error
+from .triton_down_proj import down_projection
+from .triton_router import route_backward, route_forward
+from .triton_up_proj import up_projection
+
+__all__ = ["ATOMIC_REDUCTIONS", "device_error", "lowrank_moe", "route"]
+
+ATOMIC_REDUCTIONS = os.environ.get("DASAM3_TRITON_ATOMICS") == "1"
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _lora_shape(A: Tensor | None) -> tuple[int, int]:
+    return (0, 0) if A is None else (A.shape[0], A.shape[1])
+
+
+# -- router ----------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("dasam3::triton_route", mutates_args=())
+def _route_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], ctx_bias: Optional[Tensor],
+              top_k: int) -> tuple[Tensor, Tensor, Tensor]:
+    # The integer output goes last: opcheck's autograd test sums the outputs into the first one's dtype.
+    indices, weights, probs = route_forward(x, weight, bias, ctx_bias, top_k)
+    return weights, probs, indices
+
+
+@_route_op.register_fake
+def _(x, weight, bias, ctx_bias, top_k):
+    T, E = x.shape[0], weight.shape[0]
+    return (x.new_empty(T, top_k, dtype=torch.float32), x.new_empty(T, E, dtype=torch.float32),
+            x.new_empty(T, top_k, dtype=torch.int64))
+
+
+@torch.library.custom_op("dasam3::triton_route_backward", mutates_args=())
+def _route_backward_op(grad_weights: Tensor, grad_probs: Tensor, x: Tensor, weight: Tensor, indices: Tensor,
+                       weights: Tensor, probs: Tensor) -> tuple[Tensor, Tensor]:
+    return route_backward(grad_weights, grad_probs, x, weight, indices, weights, probs)
+
+
+@_route_backward_op.register_fake
+def _(grad_weights, grad_probs, x, weight, indices, weights, probs):
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32), x.new_empty(x.shape)
+
+
+def _route_setup_context(ctx, inputs, output):
+    x, weight, bias, ctx_bias, _ = inputs
+    weights, probs, indices = output
+    ctx.mark_non_differentiable(indices)
+    ctx.save_for_backward(x, weight, indices, weights, probs)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.ctx_bias_meta = None if ctx_bias is None else (ctx_bias.shape[0], ctx_bias.dtype)
+
+
+def _route_autograd_backward(ctx, grad_weights, grad_probs, _grad_indices):
+    x, weight, indices, weights, probs = ctx.saved_tensors
+    grad_logits, grad_x = torch.ops.dasam3.triton_route_backward(grad_weights, grad_probs, x, weight, indices,
+                                                                  weights, probs)
+    need = ctx.needs_input_grad
+    grad_weight = (grad_logits.t() @ x.float()).to(weight.dtype) if need[1] else None
+    grad_bias = grad_logits.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and need[2] else None
+    grad_ctx = None
+    if ctx.ctx_bias_meta is not None and need[3]:
+        rows, dtype = ctx.ctx_bias_meta
+        grad_ctx = grad_logits.view(rows, x.shape[0] // max(rows, 1), -1).sum(1).to(dtype)  # per-sample sum
+    return grad_x if need[0] else None, grad_weight, grad_bias, grad_ctx, None
+
+
+_route_op.register_autograd(_route_autograd_backward, setup_context=_route_setup_context)
+
+
+def route(x: Tensor, weight: Tensor, bias: Tensor | None, ctx_bias: Tensor | None,
+          top_k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The fused router, same contract as `routing.route`.
+
+    x: [T, D]; weight: [E, D]; bias: [E]; ctx_bias: [R, E] with R dividing T (the context projection,
+    computed once per sample).  Returns indices [T, k] int64, weights [T, k] fp32, probs [T, E] fp32.
+    """
+    num_tokens, num_experts = x.shape[0], weight.shape[0]
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
+    if ctx_bias is not None:
+        rows = ctx_bias.shape[0]
+        if rows != num_tokens and (rows == 0 or num_tokens % rows):
+            raise ValueError(f"context bias rows must divide the number of tokens {num_tokens}, got {rows}")
+    weights, probs, indices = _route_op(x, weight, bias, ctx_bias, top_k)
+    return indices, weights, probs
+
+
+# -- mixture of low-rank experts -------------------------------------------------------------------
+
+
+@torch.library.custom_op("dasam3::triton_lowrank_moe", mutates_args=())
+def _lowrank_moe_op(x: Tensor, indices: Tensor, weights: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor],
+                    fc2_weight: Tensor, fc2_bias: Optional[Tensor], fc1_A: Optional[Tensor], fc1_B: Optional[Tensor],
+                    fc2_A: Optional[Tensor], fc2_B: Optional[Tensor], scale: float, activation: str,
+                    atomic: bool) -> tuple[Tensor, Tensor, Tensor]:
+    mixed, lora_mid = up_projection(x, indices, weights, fc1_weight, fc1_bias, fc1_A, fc1_B, fc2_A, scale,
+                                    activation, atomic)
+    factor = None if fc2_B is None else fc2_B.transpose(1, 2)  # [E, r, D]
+    y = down_projection(mixed, fc2_weight.t(), lora_mid, factor, scale, fc2_bias, weights)
+    if lora_mid is None:
+        lora_mid = x.new_empty(x.shape[0], 0, dtype=_acc_dtype(x.dtype))
+    return y, mixed, lora_mid
+
+
+@_lowrank_moe_op.register_fake
+def _(x, indices, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc1_A, fc1_B, fc2_A, fc2_B, scale,
+      activation, atomic):
+    T, F = x.shape[0], fc1_weight.shape[0]
+    E, R = _lora_shape(fc2_A)
+    return x.new_empty(T, x.shape[1]), x.new_empty(T, F), x.new_empty(T, E * R, dtype=_acc_dtype(x.dtype))
+
+
+@torch.library.custom_op("dasam3::triton_lowrank_moe_backward", mutates_args=())
+def _lowrank_moe_backward_op(
+    grad_y: Tensor, x: Tensor, indices: Tensor, weights: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor],
+    fc2_weight: Tensor, fc2_bias: Optional[Tensor], fc1_A: Optional[Tensor], fc1_B: Optional[Tensor],
+    fc2_A: Optional[Tensor], fc2_B: Optional[Tensor], lora_mid: Tensor, scale: float, activation: str,
+    atomic: bool, compute_dx: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = up_projection_backward(grad_y, x, indices, weights, fc1_weight, fc1_bias, fc2_weight, fc1_A, fc1_B,
+                                   fc2_A, fc2_B, scale, activation, atomic)
+    acc = _acc_dtype(x.dtype)
+    none = lambda: x.new_empty(0)  # noqa: E731  (a fresh one per absent gradient: outputs may not alias)
+    grad_x = down_projection(grads.grad_pre, fc1_weight, grads.grad_u, fc1_A) if compute_dx else none()
+    grad_weights = grads.grad_weights
+    if fc2_bias is not None:  # y's Σ_j p_j b2 term
+        grad_weights = grad_weights + (grad_y.to(acc) @ fc2_bias.to(acc)).unsqueeze(-1)
+    grad_A1, grad_B1, grad_A2, grad_B2 = none(), none(), none(), none()
+    if fc1_A is not None:
+        grad_A1 = (grads.grad_u.t() @ x.to(acc)).view(fc1_A.shape).to(fc1_A.dtype)
+        grad_B1 = grads.grad_fc1_B.to(fc1_B.dtype)
+    if fc2_A is not None:
+        grad_A2 = grads.grad_fc2_A.to(fc2_A.dtype)
+        E, D, R = fc2_B.shape
+        stacked = scale * (grad_y.to(acc).t() @ lora_mid)  # [D, E·r]
+        grad_B2 = stacked.view(D, E, R).permute(1, 0, 2).contiguous().to(fc2_B.dtype)
+    return grad_x, grad_weights.to(weights.dtype), grad_A1, grad_B1, grad_A2, grad_B2, grads.grad_pre
+
+
+@_lowrank_moe_backward_op.register_fake
+def _(grad_y, x, indices, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc1_A, fc1_B, fc2_A, fc2_B, lora_mid,
+      scale, activation, atomic, compute_dx):
+    def like(t):
+        return x.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
+
+    return (x.new_empty(x.shape) if compute_dx else x.new_empty(0), like(weights), like(fc1_A), like(fc1_B),
+            like(fc2_A), like(fc2_B), x.new_empty(x.shape[0], fc1_weight.shape[0]))
+
+
+def _lowrank_moe_setup_context(ctx, inputs, output):
+    x, indices, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc1_A, fc1_B, fc2_A, fc2_B, *config = inputs
+    _, mixed, lora_mid = output
+    ctx.mark_non_differentiable(mixed, lora_mid)
+    ctx.save_for_backward(x, indices, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc1_A, fc1_B, fc2_A, fc2_B,
+                          lora_mid, mixed if fc2_weight.requires_grad else None)
+    ctx.config = config  # scale, activation, atomic
+
+
+def _lowrank_moe_autograd_backward(ctx, grad_y, _grad_mixed, _grad_lora_mid):
+    x, indices, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc1_A, fc1_B, fc2_A, fc2_B, lora_mid, mixed = \
+        ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grad_x, grad_weights, grad_A1, grad_B1, grad_A2, grad_B2, grad_pre = torch.ops.dasam3.triton_lowrank_moe_backward(
+        grad_y, x, indices, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc1_A, fc1_B, fc2_A, fc2_B, lora_mid,
+        *ctx.config, need[0])
+    # Frozen FFN weights normally; if unfrozen, their gradients are plain GEMMs on what is at hand.
+    grad_W1 = grad_pre.t() @ x if need[3] else None
+    grad_b1 = grad_pre.sum(0) if need[4] else None
+    grad_W2 = grad_y.t() @ mixed if need[5] else None
+    grad_b2 = (grad_y * weights.sum(-1, keepdim=True).to(grad_y.dtype)).sum(0) if need[6] else None
+    pick = lambda grad, i: grad if need[i] else None  # noqa: E731
+    return (pick(grad_x, 0), None, pick(grad_weights, 2), grad_W1, grad_b1, grad_W2, grad_b2, pick(grad_A1, 7),
+            pick(grad_B1, 8), pick(grad_A2, 9), pick(grad_B2, 10), None, None, None)
+
+
+_lowrank_moe_op.register_autograd(_lowrank_moe_autograd_backward, setup_context=_lowrank_moe_setup_context)
+
+
+def lowrank_moe(x: Tensor, indices: Tensor, weights: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None,
+                fc2_weight: Tensor, fc2_bias: Tensor | None, fc1_A: Tensor | None, fc1_B: Tensor | None,
+                fc2_A: Tensor | None, fc2_B: Tensor | None, scale: float, activation: str, *,
+                atomic: bool | None = None) -> Tensor:
+    """Mixture of low-rank experts with the fused kernels; the contract of `reference.lowrank_moe_reference`.
+
+    x: [T, D]; indices, weights: [T, k]; fc1_weight: [F, D]; fc2_weight: [D, F]; fc1_A: [E, r, D],
+    fc1_B: [E, F, r], fc2_A: [E, r, F], fc2_B: [E, D, r] (None: not adapted).  Returns y: [T, D].
+    `atomic` (default: DASAM3_TRITON_ATOMICS=1) trades the deterministic split reductions for float atomics.
+    """
+    check_activation(activation)
+    if x.dim() != 2 or indices.shape != weights.shape or indices.shape[0] != x.shape[0]:
+        raise ValueError(f"expected x [T, D] and indices, weights [T, k], got shapes {tuple(x.shape)}, "
+                         f"{tuple(indices.shape)}, {tuple(weights.shape)}")
+    atomic = ATOMIC_REDUCTIONS if atomic is None else atomic
+    y, _, _ = _lowrank_moe_op(x, indices, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc1_A, fc1_B,
+                              fc2_A, fc2_B, float(scale), activation, bool(atomic))
+    return y
