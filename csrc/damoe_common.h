@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 
 #include <string>
+#include <type_traits>
 
 namespace dasam3 {
 
@@ -38,6 +39,17 @@ inline Activation parse_activation(c10::string_view name) {
   if (name == "silu") return Activation::kSilu;
   TORCH_CHECK(false, "lowrank_moe: activation must be one of gelu, gelu_tanh, relu, silu, got '",
               std::string(name), "'");
+}
+
+// fn(std::integral_constant<Activation, act>{}): a kernel template instantiated per activation.
+template <typename Fn>
+void with_activation(Activation act, Fn&& fn) {
+  switch (act) {
+    case Activation::kGelu: return fn(std::integral_constant<Activation, Activation::kGelu>{});
+    case Activation::kGeluTanh: return fn(std::integral_constant<Activation, Activation::kGeluTanh>{});
+    case Activation::kRelu: return fn(std::integral_constant<Activation, Activation::kRelu>{});
+    case Activation::kSilu: return fn(std::integral_constant<Activation, Activation::kSilu>{});
+  }
 }
 
 // Sizes of one call; experts/rank are 0 when neither projection is adapted.
@@ -161,6 +173,6 @@ inline at::Tensor unstack_up(const at::Tensor& stacked, const MoeSizes& s) {
   return stacked.view({stacked.size(0), s.experts, s.rank}).permute({1, 0, 2}).contiguous();
 }
 
-inline at::Tensor empty_like_none(const at::Tensor& like) { return at::empty({0}, like.options()); }
+inline at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
 
 }  // namespace dasam3

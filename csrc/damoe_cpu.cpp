@@ -100,16 +100,6 @@ struct Act<Activation::kSilu> {  // z σ(z)
   }
 };
 
-template <typename Fn>
-void with_activation(Activation a, Fn&& fn) {
-  switch (a) {
-    case Activation::kGelu: return fn(std::integral_constant<Activation, Activation::kGelu>{});
-    case Activation::kGeluTanh: return fn(std::integral_constant<Activation, Activation::kGeluTanh>{});
-    case Activation::kRelu: return fn(std::integral_constant<Activation, Activation::kRelu>{});
-    case Activation::kSilu: return fn(std::integral_constant<Activation, Activation::kSilu>{});
-  }
-}
-
 // ---- vector helpers over rows of length n --------------------------------------------------------
 
 template <typename scalar_t>
@@ -311,8 +301,6 @@ void forward_tiles(const Experts<scalar_t>& X, ForwardTensors& ts) {
     }
   });
 }
-
-at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
 
 at::Tensor optional_as(const c10::optional<at::Tensor>& t, at::ScalarType dtype) {
   return t.has_value() ? contiguous_as(*t, dtype) : at::Tensor();
