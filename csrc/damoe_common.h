@@ -173,6 +173,17 @@ inline at::Tensor unstack_up(const at::Tensor& stacked, const MoeSizes& s) {
   return stacked.view({stacked.size(0), s.experts, s.rank}).permute({1, 0, 2}).contiguous();
 }
 
+// t, or a fresh empty tensor standing for an output that was not computed (fresh: the outputs of
+// an op must not alias one another).
+inline at::Tensor or_empty(const at::Tensor& t, const at::TensorOptions& options) {
+  return t.defined() ? t : at::empty({0}, options);
+}
+
+// t converted to `like`'s dtype, when both are there.
+inline at::Tensor cast_like(const at::Tensor& t, const c10::optional<at::Tensor>& like) {
+  return t.defined() && like.has_value() ? t.to(like->scalar_type()) : at::Tensor();
+}
+
 inline at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
 
 }  // namespace dasam3

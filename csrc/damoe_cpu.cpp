@@ -352,10 +352,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_moe_fwd_cpu(
     with_activation(act, [&](auto a) { forward_tiles<scalar_t, decltype(a)::value>(X, ts); });
   });
 
-  const auto none = at::empty({0}, x.options()), none_compute = at::empty({0}, ts.x.options());
   const at::Tensor y = ts.y.to(x.scalar_type());
-  if (!save_for_backward) return {y, none, none_compute, none_compute};
-  return {y, ts.pre.to(x.scalar_type()), U.defined() ? U : none_compute, ts.V.defined() ? ts.V : none_compute};
+  if (!save_for_backward) return {y, at::empty({0}, x.options()), or_empty({}, p.options()), or_empty({}, p.options())};
+  return {y, ts.pre.to(x.scalar_type()), or_empty(U, p.options()), or_empty(ts.V, p.options())};
 }
 
 // ---- backward --------------------------------------------------------------------------------------
@@ -453,8 +452,6 @@ lowrank_moe_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Ten
     with_activation(act, [&](auto a) { backward_tiles<scalar_t, decltype(a)::value>(X, ts); });
   });
 
-  const auto none = at::empty({0}, x.options());
-  const auto as = [&](const at::Tensor& t, const at::Tensor& like) { return t.defined() ? t.to(like.scalar_type()) : none; };
   at::Tensor grad_A1, grad_B1, grad_A2, grad_B2;
   if (s.adapt_fc1) {
     grad_A1 = at::mm(ts.grad_U.t(), contiguous_as(x, dtype)).view({s.experts, s.rank, s.d_model});
@@ -464,14 +461,15 @@ lowrank_moe_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Ten
     grad_A2 = ts.grad_A2.sum(0);
     grad_B2 = unstack_up(at::mm(ts.g.t(), contiguous_as(V, dtype)) * scale, s);
   }
-  return {as(ts.grad_x, x),
+  const auto in_x_dtype = [&](const at::Tensor& t) { return or_empty(t.defined() ? t.to(x.scalar_type()) : t, x.options()); };
+  return {in_x_dtype(ts.grad_x),
           ts.grad_p.to(weights.scalar_type()),
-          s.adapt_fc1 ? as(grad_A1, *fc1_A) : none,
-          s.adapt_fc1 ? as(grad_B1, *fc1_B) : none,
-          s.adapt_fc2 ? as(grad_A2, *fc2_A) : none,
-          s.adapt_fc2 ? as(grad_B2, *fc2_B) : none,
-          as(ts.grad_pre, x),
-          as(ts.mixed, x)};
+          or_empty(cast_like(grad_A1, fc1_A), x.options()),
+          or_empty(cast_like(grad_B1, fc1_B), x.options()),
+          or_empty(cast_like(grad_A2, fc2_A), x.options()),
+          or_empty(cast_like(grad_B2, fc2_B), x.options()),
+          in_x_dtype(ts.grad_pre),
+          in_x_dtype(ts.mixed)};
 }
 
 }  // namespace

@@ -453,9 +453,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_moe_fwd_cuda(
   at::Tensor y = at::mm(mixed, W2.t());
   if (s.adapt_fc2) y.addmm_(V.to(dtype), f.B2s.to(dtype).t());
   if (fc2_bias.has_value()) y.addr_(p.sum(1).to(dtype), *fc2_bias);
-  const auto none = at::empty({0}, x.options()), none_compute = at::empty({0}, p.options());
-  if (!save_for_backward) return {y, none, none_compute, none_compute};
-  return {y, pre, U.defined() ? U : none_compute, V.defined() ? V : none_compute};
+  if (!save_for_backward) return {y, at::empty({0}, x.options()), or_empty({}, p.options()), or_empty({}, p.options())};
+  return {y, pre, or_empty(U, p.options()), or_empty(V, p.options())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -512,29 +511,27 @@ lowrank_moe_bwd_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
   }
 
   if (fc2_bias.has_value()) grad_p.add_(at::mv(g_acc, contiguous_as(*fc2_bias, compute)).unsqueeze(1));
-  const auto none = at::empty({0}, x.options());
-  at::Tensor grad_x = none;
+  at::Tensor grad_x, grad_A1, grad_B1, grad_A2_out, grad_B2;
   if (need_grad_x) {
     grad_x = at::mm(grad_pre, fc1_weight.contiguous());
     if (s.adapt_fc1) grad_x.add_(at::mm(grad_U, f.A1s).to(dtype));
   }
-  at::Tensor grad_A1 = none, grad_B1 = none, grad_A2_out = none, grad_B2 = none;
   if (s.adapt_fc1) {
-    grad_A1 = at::mm(grad_U.t(), contiguous_as(x, compute)).view({s.experts, s.rank, s.d_model}).to(fc1_A->scalar_type());
-    grad_B1 = (grad_B1t.view({s.experts, s.rank, s.d_ff}) * scale).transpose(1, 2).contiguous().to(fc1_B->scalar_type());
+    grad_A1 = at::mm(grad_U.t(), contiguous_as(x, compute)).view({s.experts, s.rank, s.d_model});
+    grad_B1 = (grad_B1t.view({s.experts, s.rank, s.d_ff}) * scale).transpose(1, 2).contiguous();
   }
   if (s.adapt_fc2) {
-    grad_A2_out = grad_A2.view({s.experts, s.rank, s.d_ff}).to(fc2_A->scalar_type());
-    grad_B2 = unstack_up(at::mm(g_acc.t(), contiguous_as(V, compute)) * scale, s).to(fc2_B->scalar_type());
+    grad_A2_out = grad_A2.view({s.experts, s.rank, s.d_ff});
+    grad_B2 = unstack_up(at::mm(g_acc.t(), contiguous_as(V, compute)) * scale, s);
   }
-  return {grad_x,
+  return {or_empty(grad_x, x.options()),
           grad_p.to(weights.scalar_type()),
-          grad_A1,
-          grad_B1,
-          grad_A2_out,
-          grad_B2,
-          need_fc_grads ? grad_pre : none,
-          need_fc_grads ? mixed : none};
+          or_empty(cast_like(grad_A1, fc1_A), x.options()),
+          or_empty(cast_like(grad_B1, fc1_B), x.options()),
+          or_empty(cast_like(grad_A2_out, fc2_A), x.options()),
+          or_empty(cast_like(grad_B2, fc2_B), x.options()),
+          or_empty(need_fc_grads ? grad_pre : at::Tensor(), x.options()),
+          or_empty(mixed, x.options())};
 }
 
 }  // namespace

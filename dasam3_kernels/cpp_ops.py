@@ -85,23 +85,19 @@ def _stacked_width(A: torch.Tensor | None) -> int:
 def _fwd_fake(x, indices, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc1_A, fc1_B, fc2_A, fc2_B,
               scale, activation, save_for_backward):
     tokens, compute = x.shape[0], _compute_dtype(x.dtype)
-    none, none_compute = x.new_empty(0), x.new_empty(0, dtype=compute)
     y = x.new_empty(tokens, fc2_weight.shape[0])
-    if not save_for_backward:
-        return y, none, none_compute, none_compute
-    U = x.new_empty(tokens, _stacked_width(fc1_A), dtype=compute) if fc1_A is not None else none_compute
-    V = x.new_empty(tokens, _stacked_width(fc2_A), dtype=compute) if fc2_A is not None else none_compute
+    if not save_for_backward:  # each output its own empty tensor: op outputs must not alias
+        return y, x.new_empty(0), x.new_empty(0, dtype=compute), x.new_empty(0, dtype=compute)
+    U, V = (x.new_empty((tokens, _stacked_width(A)) if A is not None else 0, dtype=compute) for A in (fc1_A, fc2_A))
     return y, x.new_empty(tokens, fc1_weight.shape[0]), U, V
 
 
 def _bwd_fake(grad_y, x, indices, weights, fc1_weight, fc2_weight, fc2_bias, fc1_A, fc1_B, fc2_A, fc2_B, pre, U, V,
               scale, activation, need_grad_x, need_fc_grads):
-    none = x.new_empty(0)
-    lora = [none if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
+    lora = [x.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
             for t in (fc1_A, fc1_B, fc2_A, fc2_B)]
-    hidden = [x.new_empty(pre.shape) if need_fc_grads else none for _ in range(2)]
-    return (torch.empty_like(x, memory_format=torch.contiguous_format) if need_grad_x else none,
-            weights.new_empty(weights.shape), *lora, *hidden)
+    hidden = [x.new_empty(pre.shape if need_fc_grads else 0) for _ in range(2)]
+    return (x.new_empty(x.shape if need_grad_x else 0), weights.new_empty(weights.shape), *lora, *hidden)
 
 
 def _setup_context(ctx, inputs, output) -> None:
