@@ -63,7 +63,8 @@ def cpu_extension(cpp_extension, isa: str):
         cflags, ldflags = ["/O2", "/openmp", *msvc_flags], []
     else:  # at::parallel_for is OpenMP in PyTorch's builds: without -fopenmp it would run serially
         openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-        cflags, ldflags = ["-O3", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized", *openmp, *gnu_flags], openmp  # quiet on ATen's headers
+        quiet = ["-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]  # ATen's headers, seen by GCC
+        cflags, ldflags = ["-O3", *quiet, *openmp, *gnu_flags], openmp
     return cpp_extension.CppExtension(
         name=f"dasam3_kernels._C_cpu_{isa}",
         sources=CPU_SOURCES,

@@ -92,7 +92,8 @@ def median_ms(candidates: dict[str, Callable[[], None]], repeats: int) -> dict[s
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--backends", nargs="+", default=[b for b in ("cpu", "torch") if b in available_backends("cpu")])
+    built = [b for b in ("cpu", "torch") if b in available_backends("cpu")]
+    parser.add_argument("--backends", nargs="+", default=built)
     parser.add_argument("--shape", nargs=4, type=int, default=(4, 1024, 256, 2048), metavar=("B", "N", "D", "F"))
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--top-k", type=int, default=2)

@@ -10,6 +10,7 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <string>
 #include <type_traits>
 
@@ -139,6 +140,22 @@ inline MoeSizes check_inputs(const at::Tensor& x, const at::Tensor& indices, con
   return s;
 }
 
+// The backward's inputs: the forward's, plus dL/dy and what the forward saved.
+inline MoeSizes check_backward_inputs(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& indices,
+                                      const at::Tensor& weights, const at::Tensor& fc1_weight,
+                                      const at::Tensor& fc2_weight, const c10::optional<at::Tensor>& fc2_bias,
+                                      const c10::optional<at::Tensor>& fc1_A, const c10::optional<at::Tensor>& fc1_B,
+                                      const c10::optional<at::Tensor>& fc2_A, const c10::optional<at::Tensor>& fc2_B,
+                                      const at::Tensor& pre, const at::Tensor& U, const at::Tensor& V) {
+  const MoeSizes s = check_inputs(x, indices, weights, fc1_weight, c10::nullopt, fc2_weight, fc2_bias, fc1_A,
+                                  fc1_B, fc2_A, fc2_B);
+  check_shape(grad_y, {s.tokens, s.d_model}, "grad_y", "[tokens, d_model]");
+  check_shape(pre, {s.tokens, s.d_ff}, "pre", "[tokens, d_ff]");
+  if (s.adapt_fc1) check_shape(U, {s.tokens, s.experts * s.rank}, "U", "[tokens, experts * rank]");
+  if (s.adapt_fc2) check_shape(V, {s.tokens, s.experts * s.rank}, "V", "[tokens, experts * rank]");
+  return s;
+}
+
 // The dtype the fused passes compute in (and U, V are kept in): float for half types.
 inline at::ScalarType compute_dtype(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
@@ -185,5 +202,30 @@ inline at::Tensor cast_like(const at::Tensor& t, const c10::optional<at::Tensor>
 }
 
 inline at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
+
+// The lora factors' gradients (dA1, dB1, dA2, dB2) in their own layouts and dtypes, from what the
+// fused backward accumulated in the compute dtype: grad_U = dL/d(x A1ᵀ) [T, E·r], grad_B1t = the
+// gradient of B1t without s [E·r, F], grad_A2 [E·r, F]; dB2 = s gᵀ V needs only g and the saved V.
+// Fresh empty tensors (x's options) for a projection that is not adapted.
+inline std::array<at::Tensor, 4> factor_grads(const MoeSizes& s, double scale, const at::Tensor& x,
+                                              const at::Tensor& g, const at::Tensor& V, const at::Tensor& grad_U,
+                                              const at::Tensor& grad_B1t, const at::Tensor& grad_A2,
+                                              const c10::optional<at::Tensor>& fc1_A,
+                                              const c10::optional<at::Tensor>& fc1_B,
+                                              const c10::optional<at::Tensor>& fc2_A,
+                                              const c10::optional<at::Tensor>& fc2_B) {
+  const auto compute = g.scalar_type();
+  at::Tensor dA1, dB1, dA2, dB2;
+  if (s.adapt_fc1) {
+    dA1 = at::mm(grad_U.t(), contiguous_as(x, compute)).view({s.experts, s.rank, s.d_model});
+    dB1 = (grad_B1t.view({s.experts, s.rank, s.d_ff}) * scale).transpose(1, 2).contiguous();
+  }
+  if (s.adapt_fc2) {
+    dA2 = grad_A2.view({s.experts, s.rank, s.d_ff});
+    dB2 = unstack_up(at::mm(g.t(), contiguous_as(V, compute)) * scale, s);
+  }
+  return {or_empty(cast_like(dA1, fc1_A), x.options()), or_empty(cast_like(dB1, fc1_B), x.options()),
+          or_empty(cast_like(dA2, fc2_A), x.options()), or_empty(cast_like(dB2, fc2_B), x.options())};
+}
 
 }  // namespace dasam3

@@ -259,6 +259,12 @@ T* ptr_or_null(const at::Tensor& t) {
   return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : nullptr;
 }
 
+// Row `row` of a row-major tensor with rows of `width` elements; null for an undefined tensor.
+template <typename T>
+T* row_of(const at::Tensor& t, int64_t row, int64_t width) {
+  return t.defined() ? t.data_ptr<T>() + row * width : nullptr;
+}
+
 // fn(first_tile, end_tile) on the tiles of `tokens` rows, in parallel.  The worker threads get the
 // caller's thread-local state (the dispatch guard that keeps the tile GEMMs out of autograd).
 template <typename Fn>
@@ -291,9 +297,8 @@ void forward_tiles(const Experts<scalar_t>& X, ForwardTensors& ts) {
       if (ts.b1.defined()) at::addmm_out(pre, ts.b1, x_tile, ts.W1.t());
       else at::mm_out(pre, x_tile, ts.W1.t());
       for (int64_t t = 0; t < n; ++t) {
-        scalar_t* v_row = X.A2 ? ts.V.data_ptr<scalar_t>() + (t0 + t) * X.experts * X.rank : nullptr;
-        forward_token<scalar_t, A>(X, t0 + t, pre.data_ptr<scalar_t>() + t * F, m.data_ptr<scalar_t>() + t * F,
-                                   v_row, h_row.data_ptr<scalar_t>());
+        forward_token<scalar_t, A>(X, t0 + t, row_of<scalar_t>(pre, t, F), row_of<scalar_t>(m, t, F),
+                                   row_of<scalar_t>(ts.V, t0 + t, X.experts * X.rank), h_row.data_ptr<scalar_t>());
       }
       at::mm_out(y, m, ts.W2.t());
       if (X.A2) y.addmm_(ts.V.narrow(0, t0, n), ts.B2s.t());
@@ -370,7 +375,7 @@ void backward_tiles(const Experts<scalar_t>& X, BackwardTensors& ts) {
   const int64_t T = ts.g.size(0), F = X.d_ff, Er = X.experts * X.rank, rows = tile_rows(F);
   parallel_tiles(T, rows, [&](int64_t begin, int64_t end) {
     const auto opts = ts.g.options();
-    const int64_t thread = at::get_thread_num();
+    const int64_t accumulator = at::get_thread_num() * Er * F;  // this thread's [E, r, F] slices
     at::Tensor grad_mixed = at::empty({rows, F}, opts), scratch = at::empty({2, F}, opts);
     at::Tensor grad_pre_scratch = ts.grad_pre.defined() ? at::Tensor() : at::empty({rows, F}, opts);
     for (int64_t tile = begin; tile < end; ++tile) {
@@ -380,18 +385,18 @@ void backward_tiles(const Experts<scalar_t>& X, BackwardTensors& ts) {
       at::mm_out(gm, g, ts.W2);
       for (int64_t t = 0; t < n; ++t) {
         const int64_t row = t0 + t;
-        TokenGrads<scalar_t> G{ts.pre.data_ptr<scalar_t>() + row * F,
-                               gm.data_ptr<scalar_t>() + t * F,
-                               X.A2 ? ts.g2.data_ptr<scalar_t>() + row * Er : nullptr,
+        TokenGrads<scalar_t> G{row_of<scalar_t>(ts.pre, row, F),
+                               row_of<scalar_t>(gm, t, F),
+                               row_of<scalar_t>(ts.g2, row, Er),
                                ts.g_dot_b2.defined() ? ts.g_dot_b2.data_ptr<scalar_t>()[row] : scalar_t(0),
-                               grad_pre.data_ptr<scalar_t>() + t * F,
-                               ts.grad_p.data_ptr<scalar_t>() + row * X.top_k,
-                               X.U ? ts.grad_U.data_ptr<scalar_t>() + row * Er : nullptr,
-                               X.U ? ts.grad_B1t[thread].data_ptr<scalar_t>() : nullptr,
-                               X.A2 ? ts.grad_A2[thread].data_ptr<scalar_t>() : nullptr,
-                               ts.mixed.defined() ? ts.mixed.data_ptr<scalar_t>() + row * F : nullptr,
-                               scratch.data_ptr<scalar_t>(),
-                               scratch.data_ptr<scalar_t>() + F};
+                               row_of<scalar_t>(grad_pre, t, F),
+                               row_of<scalar_t>(ts.grad_p, row, X.top_k),
+                               row_of<scalar_t>(ts.grad_U, row, Er),
+                               row_of<scalar_t>(ts.grad_B1t, 0, accumulator),
+                               row_of<scalar_t>(ts.grad_A2, 0, accumulator),
+                               row_of<scalar_t>(ts.mixed, row, F),
+                               row_of<scalar_t>(scratch, 0, F),
+                               row_of<scalar_t>(scratch, 1, F)};
         backward_token<scalar_t, A>(X, row, G);
       }
       if (ts.grad_x.defined()) {
@@ -412,15 +417,11 @@ lowrank_moe_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Ten
                     const at::Tensor& V, double scale, c10::string_view activation, bool need_grad_x,
                     bool need_fc_grads) {
   at::AutoDispatchBelowADInplaceOrView guard;  // the kernel's own ATen calls are not differentiated
-  const MoeSizes s = check_inputs(x, indices, weights, fc1_weight, c10::nullopt, fc2_weight, fc2_bias, fc1_A,
-                                  fc1_B, fc2_A, fc2_B);
+  const MoeSizes s = check_backward_inputs(grad_y, x, indices, weights, fc1_weight, fc2_weight, fc2_bias, fc1_A,
+                                           fc1_B, fc2_A, fc2_B, pre, U, V);
   const Activation act = parse_activation(activation);
-  check_shape(grad_y, {s.tokens, s.d_model}, "grad_y", "[tokens, d_model]");
-  check_shape(pre, {s.tokens, s.d_ff}, "pre", "[tokens, d_ff]");
   const auto dtype = compute_dtype(x.scalar_type());
   const int64_t Er = s.experts * s.rank;
-  if (s.adapt_fc1) check_shape(U, {s.tokens, Er}, "U", "[tokens, experts * rank]");
-  if (s.adapt_fc2) check_shape(V, {s.tokens, Er}, "V", "[tokens, experts * rank]");
 
   BackwardTensors ts;
   ts.g = contiguous_as(grad_y, dtype);
@@ -452,24 +453,14 @@ lowrank_moe_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Ten
     with_activation(act, [&](auto a) { backward_tiles<scalar_t, decltype(a)::value>(X, ts); });
   });
 
-  at::Tensor grad_A1, grad_B1, grad_A2, grad_B2;
-  if (s.adapt_fc1) {
-    grad_A1 = at::mm(ts.grad_U.t(), contiguous_as(x, dtype)).view({s.experts, s.rank, s.d_model});
-    grad_B1 = (ts.grad_B1t.sum(0) * scale).transpose(1, 2).contiguous();
-  }
-  if (s.adapt_fc2) {
-    grad_A2 = ts.grad_A2.sum(0);
-    grad_B2 = unstack_up(at::mm(ts.g.t(), contiguous_as(V, dtype)) * scale, s);
-  }
-  const auto in_x_dtype = [&](const at::Tensor& t) { return or_empty(t.defined() ? t.to(x.scalar_type()) : t, x.options()); };
-  return {in_x_dtype(ts.grad_x),
-          ts.grad_p.to(weights.scalar_type()),
-          or_empty(cast_like(grad_A1, fc1_A), x.options()),
-          or_empty(cast_like(grad_B1, fc1_B), x.options()),
-          or_empty(cast_like(grad_A2, fc2_A), x.options()),
-          or_empty(cast_like(grad_B2, fc2_B), x.options()),
-          in_x_dtype(ts.grad_pre),
-          in_x_dtype(ts.mixed)};
+  const auto sum_threads = [](const at::Tensor& t) { return t.defined() ? t.sum(0) : t; };
+  const auto lora = factor_grads(s, scale, x, ts.g, V, ts.grad_U, sum_threads(ts.grad_B1t), sum_threads(ts.grad_A2),
+                                 fc1_A, fc1_B, fc2_A, fc2_B);
+  const auto in_x_dtype = [&](const at::Tensor& t) {
+    return or_empty(t.defined() ? t.to(x.scalar_type()) : t, x.options());
+  };
+  return {in_x_dtype(ts.grad_x), ts.grad_p.to(weights.scalar_type()), lora[0], lora[1], lora[2], lora[3],
+          in_x_dtype(ts.grad_pre), in_x_dtype(ts.mixed)};
 }
 
 }  // namespace

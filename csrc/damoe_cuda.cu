@@ -151,7 +151,7 @@ __device__ void tile_gemm(const OperandView<scalar_t> A, const OperandView<scala
   if constexpr (kWmma) {
     namespace wmma = nvcuda::wmma;
     // Warp w owns rows [16 (w / 2), +16) and columns [32 (w % 2), +32): two 16x16 accumulators.
-    const int band = warp / 2, half = warp % 2;
+    const int band = warp / 2, side = warp % 2;
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
     wmma::fill_fragment(acc[0], 0.f);
     wmma::fill_fragment(acc[1], 0.f);
@@ -164,14 +164,14 @@ __device__ void tile_gemm(const OperandView<scalar_t> A, const OperandView<scala
         wmma::load_matrix_sync(a, As + band * 16 * kLdAB + kk, kLdAB);
         for (int n = 0; n < 2; ++n) {
           wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;  // Bs is [n][k]: B col-major
-          wmma::load_matrix_sync(b, Bs + (half * 32 + n * 16) * kLdAB + kk, kLdAB);
+          wmma::load_matrix_sync(b, Bs + (side * 32 + n * 16) * kLdAB + kk, kLdAB);
           wmma::mma_sync(acc[n], a, b, acc[n]);
         }
       }
       __syncthreads();
     }
     for (int n = 0; n < 2; ++n) {
-      wmma::store_matrix_sync(Cs + band * 16 * kLdC + half * 32 + n * 16, acc[n], kLdC, wmma::mem_row_major);
+      wmma::store_matrix_sync(Cs + band * 16 * kLdC + side * 32 + n * 16, acc[n], kLdC, wmma::mem_row_major);
     }
   } else {
     // SIMT: thread (ty, tx) of a 16 x 16 grid owns the 4 x 4 block at rows 4 ty, columns 4 tx.
@@ -371,7 +371,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const BackwardArgs<s
       }
       for (int64_t i = 0; g2 && i < r; ++i) {
         for (int c = 0; c < 2; ++c) {
-          if (n0 + lane + 32 * c < F) atomicAdd(acc_A2 + (e * r + i) * acc_ld + acc_col0 + lane + 32 * c, pj * g2[i] * h[c]);
+          if (n0 + lane + 32 * c >= F) continue;
+          atomicAdd(acc_A2 + (e * r + i) * acc_ld + acc_col0 + lane + 32 * c, pj * g2[i] * h[c]);
         }
       }
     }
@@ -408,7 +409,8 @@ T* mutable_or_null(const at::Tensor& t) {
 }
 
 dim3 tile_grid(const MoeSizes& s) {
-  return dim3(static_cast<unsigned>((s.tokens + kTile - 1) / kTile), static_cast<unsigned>((s.d_ff + kTile - 1) / kTile));
+  const auto tiles = [](int64_t n) { return static_cast<unsigned>((n + kTile - 1) / kTile); };
+  return dim3(tiles(s.tokens), tiles(s.d_ff));  // tokens on x: up to 2^31 - 1 tiles
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_moe_fwd_cuda(
@@ -467,14 +469,10 @@ lowrank_moe_bwd_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
                      bool need_fc_grads) {
   at::AutoDispatchBelowADInplaceOrView guard;
   const c10::cuda::CUDAGuard device_guard(x.device());
-  const MoeSizes s = check_inputs(x, indices, weights, fc1_weight, c10::nullopt, fc2_weight, fc2_bias, fc1_A,
-                                  fc1_B, fc2_A, fc2_B);
+  const MoeSizes s = check_backward_inputs(grad_y, x, indices, weights, fc1_weight, fc2_weight, fc2_bias, fc1_A,
+                                           fc1_B, fc2_A, fc2_B, pre, U, V);
   const Activation act = parse_activation(activation);
-  check_shape(grad_y, {s.tokens, s.d_model}, "grad_y", "[tokens, d_model]");
-  check_shape(pre, {s.tokens, s.d_ff}, "pre", "[tokens, d_ff]");
   const int64_t Er = s.experts * s.rank;
-  if (s.adapt_fc1) check_shape(U, {s.tokens, Er}, "U", "[tokens, experts * rank]");
-  if (s.adapt_fc2) check_shape(V, {s.tokens, Er}, "V", "[tokens, experts * rank]");
   const auto dtype = x.scalar_type(), compute = compute_dtype(dtype);
   const at::Tensor g = contiguous_as(grad_y, dtype), W2 = fc2_weight.contiguous(), prec = contiguous_as(pre, dtype);
   const at::Tensor g_acc = g.to(compute);
@@ -511,27 +509,14 @@ lowrank_moe_bwd_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
   }
 
   if (fc2_bias.has_value()) grad_p.add_(at::mv(g_acc, contiguous_as(*fc2_bias, compute)).unsqueeze(1));
-  at::Tensor grad_x, grad_A1, grad_B1, grad_A2_out, grad_B2;
+  at::Tensor grad_x;
   if (need_grad_x) {
     grad_x = at::mm(grad_pre, fc1_weight.contiguous());
     if (s.adapt_fc1) grad_x.add_(at::mm(grad_U, f.A1s).to(dtype));
   }
-  if (s.adapt_fc1) {
-    grad_A1 = at::mm(grad_U.t(), contiguous_as(x, compute)).view({s.experts, s.rank, s.d_model});
-    grad_B1 = (grad_B1t.view({s.experts, s.rank, s.d_ff}) * scale).transpose(1, 2).contiguous();
-  }
-  if (s.adapt_fc2) {
-    grad_A2_out = grad_A2.view({s.experts, s.rank, s.d_ff});
-    grad_B2 = unstack_up(at::mm(g_acc.t(), contiguous_as(V, compute)) * scale, s);
-  }
-  return {or_empty(grad_x, x.options()),
-          grad_p.to(weights.scalar_type()),
-          or_empty(cast_like(grad_A1, fc1_A), x.options()),
-          or_empty(cast_like(grad_B1, fc1_B), x.options()),
-          or_empty(cast_like(grad_A2_out, fc2_A), x.options()),
-          or_empty(cast_like(grad_B2, fc2_B), x.options()),
-          or_empty(need_fc_grads ? grad_pre : at::Tensor(), x.options()),
-          or_empty(mixed, x.options())};
+  const auto lora = factor_grads(s, scale, x, g_acc, V, grad_U, grad_B1t, grad_A2, fc1_A, fc1_B, fc2_A, fc2_B);
+  return {or_empty(grad_x, x.options()), grad_p.to(weights.scalar_type()), lora[0], lora[1], lora[2], lora[3],
+          or_empty(need_fc_grads ? grad_pre : at::Tensor(), x.options()), or_empty(mixed, x.options())};
 }
 
 }  // namespace

@@ -43,7 +43,8 @@ def make_layers(device: str, dtype: torch.dtype = torch.float32, backend: str = 
                 seed: int = 0, **config) -> tuple[DAMoE, DAMoE]:
     """(layer on `backend`, the same layer on "reference"), with every lora factor non-zero.
 
-    skew: the router prefers expert 1 for every token, so its first slot sees nearly all tokens.
+    The reference runs in fp32 for a half-precision layer (the oracle of SPEC section 2), on the
+    same values.  skew: the router prefers expert 1 for every token, so its first slot sees nearly all.
     """
     torch.manual_seed(seed)
     layer = DAMoE(backend=backend, device=device, dtype=dtype, **config)
@@ -52,15 +53,21 @@ def make_layers(device: str, dtype: torch.dtype = torch.float32, backend: str = 
             param.normal_(0.0, 0.3)
         if skew:
             layer.router.token_proj.bias[1] = 5.0
-    reference = DAMoE(backend="reference", device=device, dtype=dtype, **config)
+    reference = DAMoE(backend="reference", device=device, dtype=oracle_dtype(dtype), **config)
     reference.load_state_dict(layer.state_dict())
     return layer, reference
 
 
+def oracle_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def run_layer(layer: DAMoE, x: torch.Tensor, context: torch.Tensor | None, grad_y: torch.Tensor):
-    """(y, {name: gradient} for x, context and every trainable parameter) of one forward/backward."""
-    x = x.detach().requires_grad_()
-    context = None if context is None else context.detach().requires_grad_()
+    """(y, {name: gradient} for x, context and every trainable parameter) of one forward/backward,
+    with the inputs in the layer's dtype."""
+    dtype = layer.fc1.weight.dtype
+    x, grad_y = x.detach().to(dtype).requires_grad_(), grad_y.to(dtype)
+    context = None if context is None else context.detach().to(dtype).requires_grad_()
     y = layer(x, context)
     y.backward(grad_y)
     grads = {"x": x.grad, **({"context": context.grad} if context is not None else {})}

@@ -127,7 +127,8 @@ def test_dropout_is_refused():
 @needs_extension
 @pytest.mark.parametrize("change, message", [
     (lambda a: a.update(fc1_B=None), "fc1_A and fc1_B must be given together"),
-    (lambda a: a.update(fc2_weight=a["fc2_weight"][:, :-1]), r"fc2_weight must be \[d_model, d_ff\] = \[16, 40\], got \[16, 39\]"),
+    (lambda a: a.update(fc2_weight=a["fc2_weight"][:, :-1]),
+     r"fc2_weight must be \[d_model, d_ff\] = \[16, 40\], got \[16, 39\]"),
     (lambda a: a.update(indices=a["indices"] + 3), r"indices must lie in \[0, 4\), got values in \[3, 6\]"),
     (lambda a: a.update(fc1_A=a["fc1_A"].double()), "fc1_A must have x's dtype Float, got Double"),
     (lambda a: a.update(activation="tanh"), "activation must be one of gelu, gelu_tanh, relu, silu, got 'tanh'"),
