@@ -39,18 +39,40 @@ int64_t tile_rows(int64_t d_ff) { return std::max<int64_t>(8, kTileElements / st
 template <Activation A>
 struct Act;
 
+// Φ(z) and e^(-z²/2) for the exact-erf gelu.  For float, erf(z/√2) by Abramowitz & Stegun 7.1.26 (the
+// formula ATen's vectorised erf uses, |error| < 1.5e-7), sharing its exponential with φ(z) = e^(-z²/2)/√(2π);
+// for double, the accurate erf and exp.
+template <typename V>
+void normal_cdf_and_exp(V z, V& cdf, V& e) {
+  if constexpr (std::is_same_v<typename V::value_type, float>) {
+    e = (z * z * V(-0.5f)).exp_u20();
+    const V t = V(1.f) / at::vec::fmadd(V(0.3275911f * float(M_SQRT1_2)), z.abs(), V(1.f));
+    V poly = at::vec::fmadd(V(1.061405429f), t, V(-1.453152027f));
+    poly = at::vec::fmadd(poly, t, V(1.421413741f));
+    poly = at::vec::fmadd(poly, t, V(-0.284496736f));
+    poly = at::vec::fmadd(poly, t, V(0.254829592f));
+    const V tail = V(0.5f) * poly * t * e;  // Φ(-|z|)
+    cdf = V::blendv(V(1.f) - tail, tail, z < V(0.f));
+  } else {
+    e = (z * z * V(-0.5)).exp();
+    cdf = (V(1) + (z * V(M_SQRT1_2)).erf()) * V(0.5);
+  }
+}
+
 template <>
 struct Act<Activation::kGelu> {  // z Φ(z), the exact erf form
   template <typename V>
   static V value(V z) {
-    return z * (V(1) + (z * V(M_SQRT1_2)).erf()) * V(0.5);
+    V cdf, e;
+    normal_cdf_and_exp(z, cdf, e);
+    return z * cdf;
   }
   template <typename V>
   static void value_and_grad(V z, V& h, V& d) {
-    const V cdf = (V(1) + (z * V(M_SQRT1_2)).erf()) * V(0.5);
-    const V pdf = (z * z * V(-0.5)).exp() * V(0.5 * M_2_SQRTPI * M_SQRT1_2);  // φ(z)
+    V cdf, e;
+    normal_cdf_and_exp(z, cdf, e);
     h = z * cdf;
-    d = at::vec::fmadd(z, pdf, cdf);
+    d = at::vec::fmadd(z * V(0.5 * M_2_SQRTPI * M_SQRT1_2), e, cdf);  // Φ(z) + z φ(z)
   }
 };
 
@@ -107,22 +129,35 @@ scalar_t reduce_sum(Vectorized<scalar_t> v) {
   return at::vec::vec_reduce_all<scalar_t>([](auto a, auto b) { return a + b; }, v);
 }
 
-// out[i] += coeff · Σ_f a[f] rows[i][f] for the r rows of an expert; four rows share each load of a.
+// fn(f, m) on the vectors of a row of n elements: m = V::size() as a compile-time constant on the full
+// vectors (their loads and stores compile to plain vector moves), the remaining count on the tail.
+template <typename scalar_t, typename Fn>
+inline void for_each_vector(int64_t n, const Fn& fn) {
+  constexpr int64_t kSize = Vectorized<scalar_t>::size();
+  int64_t f = 0;
+  for (; f + kSize <= n; f += kSize) fn(f, std::integral_constant<int64_t, kSize>{});
+  if (f < n) fn(f, n - f);
+}
+
+// out[i] += coeff · Σ_f a[f] rows[i][f] for i < kRows: kRows dot products sharing the loads of a.
+template <int kRows, typename scalar_t>
+void add_dots_of(const scalar_t* a, const scalar_t* rows, int64_t n, scalar_t coeff, scalar_t* out) {
+  using V = Vectorized<scalar_t>;
+  V acc[kRows];
+  std::fill(acc, acc + kRows, V(0));
+  for_each_vector<scalar_t>(n, [&](int64_t f, auto m) {
+    const V av = V::loadu(a + f, m);
+    for (int i = 0; i < kRows; ++i) acc[i] = at::vec::fmadd(av, V::loadu(rows + i * n + f, m), acc[i]);
+  });
+  for (int i = 0; i < kRows; ++i) out[i] += coeff * reduce_sum(acc[i]);
+}
+
+// out[i] += coeff · Σ_f a[f] rows[i][f] for the r rows of an expert.
 template <typename scalar_t>
 void add_dots(const scalar_t* a, const scalar_t* rows, int64_t r, int64_t n, scalar_t coeff, scalar_t* out) {
-  using V = Vectorized<scalar_t>;
-  for (int64_t i0 = 0; i0 < r; i0 += 4) {
-    const int64_t count = std::min<int64_t>(4, r - i0);
-    V acc[4] = {V(0), V(0), V(0), V(0)};
-    for (int64_t f = 0; f < n; f += V::size()) {
-      const int64_t m = std::min<int64_t>(V::size(), n - f);
-      const V av = V::loadu(a + f, m);
-      for (int64_t i = 0; i < 4; ++i) {
-        if (i < count) acc[i] = at::vec::fmadd(av, V::loadu(rows + (i0 + i) * n + f, m), acc[i]);
-      }
-    }
-    for (int64_t i = 0; i < count; ++i) out[i0 + i] += coeff * reduce_sum(acc[i]);
-  }
+  int64_t i = 0;
+  for (; i + 4 <= r; i += 4) add_dots_of<4>(a, rows + i * n, n, coeff, out + i);
+  for (; i < r; ++i) add_dots_of<1>(a, rows + i * n, n, coeff, out + i);
 }
 
 // rows[i][f] += coeffs[i] · a[f] for i < r: one token's rank-r outer-product update.
@@ -132,10 +167,9 @@ void add_outer(const scalar_t* coeffs, const scalar_t* a, int64_t r, int64_t n, 
   for (int64_t i = 0; i < r; ++i) {
     const V c(coeffs[i]);
     scalar_t* row = rows + i * n;
-    for (int64_t f = 0; f < n; f += V::size()) {
-      const int64_t m = std::min<int64_t>(V::size(), n - f);
+    for_each_vector<scalar_t>(n, [&](int64_t f, auto m) {
       at::vec::fmadd(c, V::loadu(a + f, m), V::loadu(row + f, m)).store(row + f, m);
-    }
+    });
   }
 }
 
@@ -186,12 +220,11 @@ void forward_token(const Experts<scalar_t>& X, int64_t t, const scalar_t* pre, s
     const scalar_t* u = X.U ? X.u(t, e) : nullptr;
     const scalar_t* B1t_e = X.U ? X.B1t_of(e) : nullptr;
     const int64_t r1 = X.U ? X.rank : 0;
-    for (int64_t f = 0; f < F; f += V::size()) {
-      const int64_t m = std::min<int64_t>(V::size(), F - f);
+    for_each_vector<scalar_t>(F, [&](int64_t f, auto m) {
       const V h = Act<A>::value(low_rank_add(pre, u, B1t_e, r1, F, f, m));
       store_or_add(V(pj) * h, mixed, f, m, j > 0);
       if (X.A2) h.store(h_row + f, m);
-    }
+    });
     if (X.A2) add_dots(h_row, X.A2_of(e), X.rank, F, pj, v_row + e * X.rank);
   }
 }
@@ -229,8 +262,7 @@ void backward_token(const Experts<scalar_t>& X, int64_t t, const TokenGrads<scal
     const scalar_t* A2_e = fc2 ? X.A2_of(e) : nullptr;
     const scalar_t* g2 = fc2 ? G.g2 + e * r : nullptr;
     V grad_p(0);
-    for (int64_t f = 0; f < F; f += V::size()) {
-      const int64_t m = std::min<int64_t>(V::size(), F - f);
+    for_each_vector<scalar_t>(F, [&](int64_t f, auto m) {
       V h, d;
       Act<A>::value_and_grad(low_rank_add(G.pre, u, B1t_e, fc1 ? r : 0, F, f, m), h, d);
       const V q = low_rank_add(G.grad_mixed, g2, A2_e, fc2 ? r : 0, F, f, m);
@@ -240,7 +272,7 @@ void backward_token(const Experts<scalar_t>& X, int64_t t, const TokenGrads<scal
       if (fc1) gz.store(G.gz_row + f, m);
       if (fc2) h.store(G.h_row + f, m);
       if (G.mixed) store_or_add(V(pj) * h, G.mixed, f, m, j > 0);
-    }
+    });
     G.grad_p[j] = reduce_sum(grad_p) + G.g_dot_b2;
     if (fc1) {
       add_dots(G.gz_row, B1t_e, r, F, scalar_t(1), G.grad_u + e * r);  // s is in B1t
@@ -375,7 +407,7 @@ void backward_tiles(const Experts<scalar_t>& X, BackwardTensors& ts) {
   const int64_t T = ts.g.size(0), F = X.d_ff, Er = X.experts * X.rank, rows = tile_rows(F);
   parallel_tiles(T, rows, [&](int64_t begin, int64_t end) {
     const auto opts = ts.g.options();
-    const int64_t accumulator = at::get_thread_num() * Er * F;  // this thread's [E, r, F] slices
+    const int64_t thread = at::get_thread_num();  // owns slice `thread` of the [threads, E, r, F] accumulators
     at::Tensor grad_mixed = at::empty({rows, F}, opts), scratch = at::empty({2, F}, opts);
     at::Tensor grad_pre_scratch = ts.grad_pre.defined() ? at::Tensor() : at::empty({rows, F}, opts);
     for (int64_t tile = begin; tile < end; ++tile) {
@@ -392,8 +424,8 @@ void backward_tiles(const Experts<scalar_t>& X, BackwardTensors& ts) {
                                row_of<scalar_t>(grad_pre, t, F),
                                row_of<scalar_t>(ts.grad_p, row, X.top_k),
                                row_of<scalar_t>(ts.grad_U, row, Er),
-                               row_of<scalar_t>(ts.grad_B1t, 0, accumulator),
-                               row_of<scalar_t>(ts.grad_A2, 0, accumulator),
+                               row_of<scalar_t>(ts.grad_B1t, thread, Er * F),
+                               row_of<scalar_t>(ts.grad_A2, thread, Er * F),
                                row_of<scalar_t>(ts.mixed, row, F),
                                row_of<scalar_t>(scratch, 0, F),
                                row_of<scalar_t>(scratch, 1, F)};
