@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -38,6 +39,8 @@ ISA_FLAGS = {
                 "-Wno-uninitialized"],  # GCC's false alarms on its own _mm512_undefined_* in ATen's vec512
                ["/arch:AVX512"]),
 }
+# What a failed compiler run raises through setuptools and torch's BuildExtension.
+BUILD_ERRORS = (BaseError, CCompilerError, OSError, RuntimeError, subprocess.SubprocessError)
 CUDA_ARCH_FLAGS = ["-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_80,code=compute_80"]
 
 
@@ -158,14 +161,24 @@ def extensions_and_commands() -> tuple[list, dict]:
 
     class BuildExtension(cpp_extension.BuildExtension):
         """torch's ninja build, one build directory per extension (the CPU variants share a source
-        file), and optional extensions: one that fails warns and is skipped."""
+        file), and optional extensions: one that fails to build (no compiler, a failing one) warns and
+        is left out, unless DASAM3_BUILD_CPU/CUDA=1 requires it."""
+
+        def build_extensions(self) -> None:
+            try:
+                super().build_extensions()  # checks the compiler first, then build_extension each
+            except BUILD_ERRORS as error:
+                if required:
+                    raise
+                print(f"dasam3: WARNING: the compiled kernels were not built ({error}); dasam3 installs "
+                      "as pure Python")
 
         def build_extension(self, ext) -> None:
             base_temp = self.build_temp
             self.build_temp = os.path.join(base_temp, ext.name)
             try:
                 super().build_extension(ext)
-            except (BaseError, CCompilerError, OSError, RuntimeError) as error:
+            except BUILD_ERRORS as error:
                 if ext.name in required:
                     raise
                 print(f"dasam3: WARNING: {ext.name} failed to build ({error}); dasam3 installs without it")

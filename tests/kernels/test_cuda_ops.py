@@ -19,10 +19,14 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 # SAM3's fusion-encoder FFN (x [4, 1024, 256], F = 2048, E = 4, k = 2, r = 8) in every dtype.
 SAM3_CASES = [Case(tokens=4096, d_model=256, d_ff=2048, experts=4, top_k=2, rank=8, dtype=dtype, scale=1.0)
               for dtype in (torch.float32, torch.float16, torch.bfloat16)]
-CUDA_CASES = EDGE_CASES + LOW_PRECISION_CASES + MULTI_TILE_CASES + SAM3_CASES + [
-    Case(tokens=131, d_model=70, d_ff=200, dtype=dtype, activation=activation)
-    for dtype in (torch.float16, torch.bfloat16) for activation in ("gelu", "silu")
+# Several token and feature tiles and GEMM K-steps (d_model = 70 = 2 x 32 + 6), ragged everywhere.
+RAGGED_TILE_CASES = [
+    Case(tokens=131, d_model=70, d_ff=200, rank=8),
+    Case(tokens=131, d_model=70, d_ff=200, adapt=("fc1",)),
+    *(Case(tokens=131, d_model=70, d_ff=200, dtype=dtype, activation=activation)
+      for dtype in (torch.float16, torch.bfloat16) for activation in ("gelu", "silu")),
 ]
+CUDA_CASES = EDGE_CASES + LOW_PRECISION_CASES + MULTI_TILE_CASES + RAGGED_TILE_CASES + SAM3_CASES
 
 
 @pytest.fixture(scope="module")
