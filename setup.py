@@ -69,7 +69,7 @@ def cpu_extension(cpp_extension, isa: str):
     else:  # at::parallel_for is OpenMP in PyTorch's builds: without -fopenmp it would run serially
         openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
         quiet = ["-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]  # ATen's headers, seen by GCC
-        cflags, ldflags = ["-O3", *quiet, *openmp, *gnu_flags], openmp
+        cflags, ldflags = ["-O3", "-g0", *quiet, *openmp, *gnu_flags], openmp  # -g0: Python's CFLAGS say -g
     return cpp_extension.CppExtension(
         name=f"dasam3_kernels._C_cpu_{isa}",
         sources=CPU_SOURCES,
@@ -114,7 +114,7 @@ def cuda_extension(torch, cpp_extension):
         name="dasam3_kernels._C_cuda",
         sources=CUDA_SOURCES,
         include_dirs=[str(ROOT / CSRC)],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", *arch_flags]},
+        extra_compile_args={"cxx": ["-O3", "-g0"], "nvcc": ["-O3", *arch_flags]},
     )
 
 
