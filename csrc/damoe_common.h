@@ -39,7 +39,7 @@ inline Activation parse_activation(c10::string_view name) {
   if (name == "relu") return Activation::kRelu;
   if (name == "silu") return Activation::kSilu;
   TORCH_CHECK(false, "lowrank_moe: activation must be one of gelu, gelu_tanh, relu, silu, got '",
-              std::string(name), "'");
+              std::string(name.data(), name.size()), "'");
 }
 
 // fn(std::integral_constant<Activation, act>{}): a kernel template instantiated per activation.
