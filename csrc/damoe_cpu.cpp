@@ -32,7 +32,11 @@ using at::vec::Vectorized;
 // tiles of a core fit in its L2 next to the experts' factors.
 constexpr int64_t kTileElements = int64_t(1) << 17;
 
-int64_t tile_rows(int64_t d_ff) { return std::max<int64_t>(8, kTileElements / std::max<int64_t>(d_ff, 1)); }
+// Rows per tile: as many as fit kTileElements, but few enough that every thread gets a tile.
+int64_t tile_rows(int64_t tokens, int64_t d_ff) {
+  const int64_t per_thread = (tokens + at::get_num_threads() - 1) / at::get_num_threads();
+  return std::max<int64_t>(8, std::min(kTileElements / std::max<int64_t>(d_ff, 1), per_thread));
+}
 
 // ---- activations on a vector of pre-activations ----------------------------------------------
 
@@ -317,7 +321,7 @@ struct ForwardTensors {  // all contiguous, in the compute dtype
 
 template <typename scalar_t, Activation A>
 void forward_tiles(const Experts<scalar_t>& X, ForwardTensors& ts) {
-  const int64_t T = ts.x.size(0), F = X.d_ff, rows = tile_rows(F);
+  const int64_t T = ts.x.size(0), F = X.d_ff, rows = tile_rows(T, F);
   parallel_tiles(T, rows, [&](int64_t begin, int64_t end) {
     const auto opts = ts.x.options();
     at::Tensor pre_scratch = ts.pre.defined() ? at::Tensor() : at::empty({rows, F}, opts);
@@ -404,7 +408,7 @@ struct BackwardTensors {  // all contiguous, in the compute dtype
 
 template <typename scalar_t, Activation A>
 void backward_tiles(const Experts<scalar_t>& X, BackwardTensors& ts) {
-  const int64_t T = ts.g.size(0), F = X.d_ff, Er = X.experts * X.rank, rows = tile_rows(F);
+  const int64_t T = ts.g.size(0), F = X.d_ff, Er = X.experts * X.rank, rows = tile_rows(T, F);
   parallel_tiles(T, rows, [&](int64_t begin, int64_t end) {
     const auto opts = ts.g.options();
     const int64_t thread = at::get_thread_num();  // owns slice `thread` of the [threads, E, r, F] accumulators
