@@ -114,7 +114,7 @@ def cuda_extension(torch, cpp_extension):
         name="dasam3_kernels._C_cuda",
         sources=CUDA_SOURCES,
         include_dirs=[str(ROOT / CSRC)],
-        extra_compile_args={"cxx": ["-O3", "-g0"], "nvcc": ["-O3", *arch_flags]},
+        extra_compile_args={"cxx": ["-O3", "-g0"], "nvcc": ["-O3", "--threads=2", *arch_flags]},
     )
 
 

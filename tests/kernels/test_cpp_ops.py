@@ -33,12 +33,12 @@ ROOT = Path(__file__).resolve().parents[2]
 @needs_extension
 @pytest.mark.parametrize("case", MULTI_TILE_CASES, ids=str)
 def test_several_tiles_match_reference(case: Case):
-    check_against_reference(load_backend("cpu").lowrank_moe, case)
+    check_against_reference(load_backend("cpu").lowrank_moe, case, device="cpu")
 
 
 @needs_extension
 def test_result_does_not_depend_on_thread_count():
-    problem = make_problem(MULTI_TILE_CASES[0])
+    problem = make_problem(MULTI_TILE_CASES[0], "cpu")
     op = load_backend("cpu").lowrank_moe
     threads = torch.get_num_threads()
     try:
@@ -69,7 +69,7 @@ def test_backward_op_contract(case: Case, need_fc: bool):
 
 @needs_extension
 def test_compiles_without_graph_break():
-    problem = make_problem(Case())
+    problem = make_problem(Case(), "cpu")
     op = load_backend("cpu").lowrank_moe
     compiled = torch.compile(op, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(*problem.args()), op(*problem.args()))
@@ -110,7 +110,7 @@ def test_unfrozen_ffn_gets_the_reference_gradients():
 
 @needs_extension
 def test_backward_of_a_forward_without_saved_state_is_refused():
-    problem = make_problem(Case())
+    problem = make_problem(Case(), "cpu")
     y = torch.ops.dasam3.lowrank_moe_fwd(*problem.args(), False)[0]
     with pytest.raises(RuntimeError, match="save_for_backward=False"):
         y.sum().backward()
@@ -118,7 +118,7 @@ def test_backward_of_a_forward_without_saved_state_is_refused():
 
 @needs_extension
 def test_dropout_is_refused():
-    problem = make_problem(Case())
+    problem = make_problem(Case(), "cpu")
     keep = torch.ones(problem.case.tokens, problem.case.top_k, problem.case.d_ff, dtype=torch.bool)
     with pytest.raises(ValueError, match="no dropout"):
         cpp_ops.lowrank_moe(*problem.args(), dropout_mask=keep, dropout_p=0.1)
@@ -134,7 +134,7 @@ def test_dropout_is_refused():
     (lambda a: a.update(activation="tanh"), "activation must be one of gelu, gelu_tanh, relu, silu, got 'tanh'"),
 ])
 def test_bad_input_names_expected_and_received(change, message):
-    problem = make_problem(Case())
+    problem = make_problem(Case(), "cpu")
     names = ["x", "indices", "weights", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "fc1_A", "fc1_B",
              "fc2_A", "fc2_B", "scale", "activation"]
     args = dict(zip(names, problem.args()))
@@ -154,7 +154,7 @@ def test_instruction_set_variant_matches_reference(variant: str):
         "from tests.kernels.cases import EDGE_CASES, Case, check_against_reference\n"
         f"assert cpp_ops.cpu_variant() == {variant!r}, cpp_ops.cpu_variant()\n"
         "for case in EDGE_CASES[:4] + [Case(tokens=150, d_model=12, d_ff=1000, rank=3, activation='silu')]:\n"
-        "    check_against_reference(load_backend('cpu').lowrank_moe, case)\n"
+        "    check_against_reference(load_backend('cpu').lowrank_moe, case, device='cpu')\n"
     )
     env = {**os.environ, "ATEN_CPU_CAPABILITY": variant}
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
