@@ -55,7 +55,7 @@ def env_switch(name: str) -> bool | None:
 
 
 def cpu_variants() -> list[str]:
-    x86 = platform.machine().lower() in ("x86_64", "amd64", "x64", "i686", "i386")
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "x64")
     return list(ISA_FLAGS) if x86 else ["default"]
 
 
