@@ -156,6 +156,14 @@ inline MoeSizes check_backward_inputs(const at::Tensor& grad_y, const at::Tensor
   return s;
 }
 
+// Held by every op implementation: the implementation's own ATen calls run as written, neither
+// differentiated (the op has its own backward) nor autocast (they rely on the dtypes they chose; a
+// backward runs under the caller's autocast).
+struct KernelGuard {
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  c10::impl::ExcludeDispatchKeyGuard no_autocast{c10::autocast_dispatch_keyset};
+};
+
 // The dtype the fused passes compute in (and U, V are kept in): float for half types.
 inline at::ScalarType compute_dtype(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;

@@ -43,9 +43,9 @@ int64_t tile_rows(int64_t tokens, int64_t d_ff) {
 template <Activation A>
 struct Act;
 
-// Φ(z) and e^(-z²/2) for the exact-erf gelu.  For float, erf(z/√2) by Abramowitz & Stegun 7.1.26 (the
-// formula ATen's vectorised erf uses, |error| < 1.5e-7), sharing its exponential with φ(z) = e^(-z²/2)/√(2π);
-// for double, the accurate erf and exp.
+// Φ(z) and e^(-z²/2) for the exact-erf gelu.  For float, erf(z/√2) by Abramowitz & Stegun 7.1.26
+// (the formula of ATen's vectorised erf, |error| < 1.5e-7) with ATen's fast exp, the exponential
+// shared with φ(z) = e^(-z²/2)/√(2π); for double, the accurate erf and exp.
 template <typename V>
 void normal_cdf_and_exp(V z, V& cdf, V& e) {
   if constexpr (std::is_same_v<typename V::value_type, float>) {
@@ -302,7 +302,7 @@ T* row_of(const at::Tensor& t, int64_t row, int64_t width) {
 }
 
 // fn(first_tile, end_tile) on the tiles of `tokens` rows, in parallel.  The worker threads get the
-// caller's thread-local state (the dispatch guard that keeps the tile GEMMs out of autograd).
+// caller's thread-local state (the KernelGuard that keeps the tile GEMMs out of autograd and autocast).
 template <typename Fn>
 void parallel_tiles(int64_t tokens, int64_t rows, const Fn& fn) {
   const at::ThreadLocalState caller_state;
@@ -367,7 +367,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_moe_fwd_cpu(
     const c10::optional<at::Tensor>& fc1_A, const c10::optional<at::Tensor>& fc1_B,
     const c10::optional<at::Tensor>& fc2_A, const c10::optional<at::Tensor>& fc2_B, double scale,
     c10::string_view activation, bool save_for_backward) {
-  at::AutoDispatchBelowADInplaceOrView guard;  // the kernel's own ATen calls are not differentiated
+  const KernelGuard guard;
   const MoeSizes s = check_inputs(x, indices, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc1_A, fc1_B,
                                   fc2_A, fc2_B);
   const Activation act = parse_activation(activation);
@@ -452,7 +452,7 @@ lowrank_moe_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Ten
                     const c10::optional<at::Tensor>& fc2_B, const at::Tensor& pre, const at::Tensor& U,
                     const at::Tensor& V, double scale, c10::string_view activation, bool need_grad_x,
                     bool need_fc_grads) {
-  at::AutoDispatchBelowADInplaceOrView guard;  // the kernel's own ATen calls are not differentiated
+  const KernelGuard guard;
   const MoeSizes s = check_backward_inputs(grad_y, x, indices, weights, fc1_weight, fc2_weight, fc2_bias, fc1_A,
                                            fc1_B, fc2_A, fc2_B, pre, U, V);
   const Activation act = parse_activation(activation);

@@ -419,7 +419,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_moe_fwd_cuda(
     const c10::optional<at::Tensor>& fc1_A, const c10::optional<at::Tensor>& fc1_B,
     const c10::optional<at::Tensor>& fc2_A, const c10::optional<at::Tensor>& fc2_B, double scale,
     c10::string_view activation, bool save_for_backward) {
-  at::AutoDispatchBelowADInplaceOrView guard;  // the kernel's own ATen calls are not differentiated
+  const KernelGuard guard;
   const c10::cuda::CUDAGuard device_guard(x.device());
   const MoeSizes s = check_inputs(x, indices, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc1_A, fc1_B,
                                   fc2_A, fc2_B);
@@ -467,7 +467,7 @@ lowrank_moe_bwd_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
                      const c10::optional<at::Tensor>& fc2_B, const at::Tensor& pre, const at::Tensor& U,
                      const at::Tensor& V, double scale, c10::string_view activation, bool need_grad_x,
                      bool need_fc_grads) {
-  at::AutoDispatchBelowADInplaceOrView guard;
+  const KernelGuard guard;
   const c10::cuda::CUDAGuard device_guard(x.device());
   const MoeSizes s = check_backward_inputs(grad_y, x, indices, weights, fc1_weight, fc2_weight, fc2_bias, fc1_A,
                                            fc1_B, fc2_A, fc2_B, pre, U, V);

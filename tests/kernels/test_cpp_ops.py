@@ -87,6 +87,21 @@ def test_layer_matches_reference(config: dict):
 
 
 @needs_extension
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_layer_under_autocast(dtype: torch.dtype):
+    """Forward and backward inside the caller's autocast: the kernels' own GEMMs must not be recast."""
+    layer, reference = make_layers("cpu", d_model=16, d_ff=48, context_dim=4)
+    x, context, grad_y = torch.randn(2, 9, 16), torch.randn(2, 4), torch.randn(2, 9, 16)
+    y_ref, grads_ref = run_layer(reference, x, context, grad_y)
+    with torch.autocast("cpu", dtype=dtype):
+        y, grads = run_layer(layer, x, context, grad_y)
+    assert y.dtype == dtype
+    assert_close(y, y_ref, 2e-2, "output")
+    for name in ("x", "context", "fc1_lora_A", "fc1_lora_B", "fc2_lora_A", "fc2_lora_B", "router.token_proj.weight"):
+        assert_close(grads[name], grads_ref[name], 2e-2, f"d{name}")
+
+
+@needs_extension
 def test_layer_auto_backend_runs_the_kernel():
     assert resolve_backend("auto", torch.device("cpu")).name == "cpu"
     layer = DAMoE(8, 16)
