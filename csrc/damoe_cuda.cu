@@ -421,6 +421,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_moe_fwd_cuda(
     c10::string_view activation, bool save_for_backward) {
   const KernelGuard guard;
   const c10::cuda::CUDAGuard device_guard(x.device());
+  // V's sums over feature tiles are float atomics: the order, and so the last bits, vary run to run.
+  at::globalContext().alertNotDeterministic("dasam3::lowrank_moe_fwd (CUDA)");
   const MoeSizes s = check_inputs(x, indices, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc1_A, fc1_B,
                                   fc2_A, fc2_B);
   const Activation act = parse_activation(activation);
@@ -469,6 +471,7 @@ lowrank_moe_bwd_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
                      bool need_fc_grads) {
   const KernelGuard guard;
   const c10::cuda::CUDAGuard device_guard(x.device());
+  at::globalContext().alertNotDeterministic("dasam3::lowrank_moe_bwd (CUDA)");  // atomics, as the forward
   const MoeSizes s = check_backward_inputs(grad_y, x, indices, weights, fc1_weight, fc2_weight, fc2_bias, fc1_A,
                                            fc1_B, fc2_A, fc2_B, pre, U, V);
   const Activation act = parse_activation(activation);

@@ -65,3 +65,15 @@ def test_op_contracts(cuda_op, case: Case):
                          ids=["skewed", "context"])
 def test_layer_matches_reference(cuda_op, dtype: torch.dtype, config: dict):
     check_layer_against_reference("cuda", dtype, "cuda", d_model=24, d_ff=72, **config)
+
+
+def test_deterministic_mode_is_refused(cuda_op):
+    """The CUDA kernels sum with atomics: under torch.use_deterministic_algorithms they say so."""
+    problem = make_problem(Case(), device="cuda")
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(RuntimeError, match="lowrank_moe_fwd"):
+            cuda_op(*problem.args())
+    finally:
+        torch.use_deterministic_algorithms(previous)
