@@ -66,10 +66,9 @@ def _load_triton() -> Backend:
 
 
 def _load_extension(device_type: str) -> Backend:
-    raise RuntimeError(
-        f"backend {device_type!r} is not available: the compiled dasam3 extension is not built "
-        "(reinstall with a C++ compiler present: `pip install -e . --no-build-isolation`)"
-    )
+    from . import cpp_ops  # the csrc/ kernels; RuntimeError (what is missing, how to build) when not built
+
+    return cpp_ops.backend(device_type)
 
 
 _LOADERS: dict[str, Callable[[], Backend]] = {

@@ -1,0 +1,239 @@
+// Shared by the CPU and CUDA implementations of the dasam3 mixture-of-low-rank-experts ops:
+// input validation, the activation names, and the experts' factors rearranged for the fused passes.
+//
+// The op computes, for token t with slots j = 1..k (expert e = indices[t, j], weight p = weights[t, j]):
+//   z_tj = W1 x_t + b1 + s B1[e] A1[e] x_t,  h_tj = act(z_tj)
+//   y_t  = Σ_j p_tj (W2 h_tj + b2 + s B2[e] A2[e] h_tj)
+// evaluated with both W0 products once per token: y_t = W2 m_t + (Σ_j p_tj) b2 + V_t (s B2)ᵀ, where
+// m_t = Σ_j p_tj h_tj and V_t [E·r] holds Σ_j p_tj A2[e] h_tj in expert e's r columns.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <string>
+#include <type_traits>
+
+namespace dasam3 {
+
+// The op schemas (defined by the CPU library, implemented for CPU and CUDA).  fwd returns
+// (y [T, D], pre [T, F] = x W1ᵀ + b1, U [T, E·r] = x A1ᵀ, V [T, E·r]); the last three only when
+// save_for_backward (else empty), U/V only for an adapted projection, U/V in float for half inputs.
+// bwd returns the gradients of (x, weights, fc1_A, fc1_B, fc2_A, fc2_B) and, when need_fc_grads,
+// dL/dpre and m = Σ_j p_j h_j (for the frozen weights' gradients); empty where not computed.
+constexpr const char* kForwardSchema =
+    "lowrank_moe_fwd(Tensor x, Tensor indices, Tensor weights, Tensor fc1_weight, Tensor? fc1_bias, "
+    "Tensor fc2_weight, Tensor? fc2_bias, Tensor? fc1_A, Tensor? fc1_B, Tensor? fc2_A, Tensor? fc2_B, "
+    "float scale, str activation, bool save_for_backward) -> (Tensor, Tensor, Tensor, Tensor)";
+constexpr const char* kBackwardSchema =
+    "lowrank_moe_bwd(Tensor grad_y, Tensor x, Tensor indices, Tensor weights, Tensor fc1_weight, "
+    "Tensor fc2_weight, Tensor? fc2_bias, Tensor? fc1_A, Tensor? fc1_B, Tensor? fc2_A, Tensor? fc2_B, "
+    "Tensor pre, Tensor U, Tensor V, float scale, str activation, bool need_grad_x, bool need_fc_grads) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)";
+
+enum class Activation { kGelu, kGeluTanh, kRelu, kSilu };
+
+inline Activation parse_activation(c10::string_view name) {
+  if (name == "gelu") return Activation::kGelu;
+  if (name == "gelu_tanh") return Activation::kGeluTanh;
+  if (name == "relu") return Activation::kRelu;
+  if (name == "silu") return Activation::kSilu;
+  TORCH_CHECK(false, "lowrank_moe: activation must be one of gelu, gelu_tanh, relu, silu, got '",
+              std::string(name.data(), name.size()), "'");
+}
+
+// fn(std::integral_constant<Activation, act>{}): a kernel template instantiated per activation.
+template <typename Fn>
+void with_activation(Activation act, Fn&& fn) {
+  switch (act) {
+    case Activation::kGelu: return fn(std::integral_constant<Activation, Activation::kGelu>{});
+    case Activation::kGeluTanh: return fn(std::integral_constant<Activation, Activation::kGeluTanh>{});
+    case Activation::kRelu: return fn(std::integral_constant<Activation, Activation::kRelu>{});
+    case Activation::kSilu: return fn(std::integral_constant<Activation, Activation::kSilu>{});
+  }
+}
+
+// Sizes of one call; experts/rank are 0 when neither projection is adapted.
+struct MoeSizes {
+  int64_t tokens, d_model, d_ff, top_k, experts, rank;
+  bool adapt_fc1, adapt_fc2;
+};
+
+inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* name, const char* dims) {
+  TORCH_CHECK(t.sizes() == expected, "lowrank_moe: ", name, " must be ", dims, " = ", expected, ", got ",
+              t.sizes());
+}
+
+inline void check_like(const at::Tensor& t, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(t.device() == x.device(), "lowrank_moe: ", name, " must be on ", x.device(), " like x, got ",
+              t.device());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "lowrank_moe: ", name, " must have x's dtype ",
+              x.scalar_type(), ", got ", t.scalar_type());
+}
+
+// A low-rank pair (A: [E, r, n_in], B: [E, n_out, r]) is given whole or not at all.
+inline bool check_lora(const c10::optional<at::Tensor>& A, const c10::optional<at::Tensor>& B, const char* name,
+                       const at::Tensor& x) {
+  TORCH_CHECK(A.has_value() == B.has_value(), "lowrank_moe: ", name, "_A and ", name,
+              "_B must be given together, got ", A.has_value() ? "only A" : "only B");
+  if (!A.has_value()) return false;
+  TORCH_CHECK(A->dim() == 3, "lowrank_moe: ", name, "_A must be [experts, rank, n_in], got ", A->sizes());
+  check_like(*A, x, (std::string(name) + "_A").c_str());
+  check_like(*B, x, (std::string(name) + "_B").c_str());
+  return true;
+}
+
+inline MoeSizes check_inputs(const at::Tensor& x, const at::Tensor& indices, const at::Tensor& weights,
+                             const at::Tensor& fc1_weight, const c10::optional<at::Tensor>& fc1_bias,
+                             const at::Tensor& fc2_weight, const c10::optional<at::Tensor>& fc2_bias,
+                             const c10::optional<at::Tensor>& fc1_A, const c10::optional<at::Tensor>& fc1_B,
+                             const c10::optional<at::Tensor>& fc2_A, const c10::optional<at::Tensor>& fc2_B) {
+  TORCH_CHECK(x.dim() == 2, "lowrank_moe: x must be [tokens, d_model], got ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "lowrank_moe: x must be floating point, got ", x.scalar_type());
+  TORCH_CHECK(fc1_weight.dim() == 2, "lowrank_moe: fc1_weight must be [d_ff, d_model], got ", fc1_weight.sizes());
+  MoeSizes s{x.size(0), x.size(1), fc1_weight.size(0), indices.dim() == 2 ? indices.size(1) : -1, 0, 0, false, false};
+  check_shape(indices, {s.tokens, s.top_k}, "indices", "[tokens, top_k]");
+  TORCH_CHECK(s.top_k >= 1, "lowrank_moe: indices must have top_k >= 1 columns, got ", s.top_k);
+  TORCH_CHECK(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt,
+              "lowrank_moe: indices must be int64 or int32, got ", indices.scalar_type());
+  check_shape(weights, {s.tokens, s.top_k}, "weights", "[tokens, top_k]");
+  TORCH_CHECK(at::isFloatingType(weights.scalar_type()), "lowrank_moe: weights must be floating point, got ",
+              weights.scalar_type());
+  for (const auto* t : {&indices, &weights}) {
+    TORCH_CHECK(t->device() == x.device(), "lowrank_moe: indices and weights must be on ", x.device(), ", got ",
+                t->device());
+  }
+  check_shape(fc1_weight, {s.d_ff, s.d_model}, "fc1_weight", "[d_ff, d_model]");
+  check_shape(fc2_weight, {s.d_model, s.d_ff}, "fc2_weight", "[d_model, d_ff]");
+  check_like(fc1_weight, x, "fc1_weight");
+  check_like(fc2_weight, x, "fc2_weight");
+  if (fc1_bias.has_value()) {
+    check_shape(*fc1_bias, {s.d_ff}, "fc1_bias", "[d_ff]");
+    check_like(*fc1_bias, x, "fc1_bias");
+  }
+  if (fc2_bias.has_value()) {
+    check_shape(*fc2_bias, {s.d_model}, "fc2_bias", "[d_model]");
+    check_like(*fc2_bias, x, "fc2_bias");
+  }
+  s.adapt_fc1 = check_lora(fc1_A, fc1_B, "fc1", x);
+  s.adapt_fc2 = check_lora(fc2_A, fc2_B, "fc2", x);
+  const auto& any_A = s.adapt_fc1 ? fc1_A : fc2_A;
+  if (any_A.has_value()) {
+    s.experts = any_A->size(0);
+    s.rank = any_A->size(1);
+    TORCH_CHECK(s.experts >= 1 && s.rank >= 1, "lowrank_moe: lora factors need experts >= 1 and rank >= 1, got ",
+                any_A->sizes());
+  }
+  if (s.adapt_fc1) {
+    check_shape(*fc1_A, {s.experts, s.rank, s.d_model}, "fc1_A", "[experts, rank, d_model]");
+    check_shape(*fc1_B, {s.experts, s.d_ff, s.rank}, "fc1_B", "[experts, d_ff, rank]");
+  }
+  if (s.adapt_fc2) {
+    check_shape(*fc2_A, {s.experts, s.rank, s.d_ff}, "fc2_A", "[experts, rank, d_ff]");
+    check_shape(*fc2_B, {s.experts, s.d_model, s.rank}, "fc2_B", "[experts, d_model, rank]");
+  }
+  if (s.experts > 0 && s.tokens > 0) {  // an index past the factors would read out of bounds
+    const auto lo = indices.min().item<int64_t>(), hi = indices.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < s.experts, "lowrank_moe: indices must lie in [0, ", s.experts,
+                "), got values in [", lo, ", ", hi, "]");
+  }
+  return s;
+}
+
+// The backward's inputs: the forward's, plus dL/dy and what the forward saved.
+inline MoeSizes check_backward_inputs(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& indices,
+                                      const at::Tensor& weights, const at::Tensor& fc1_weight,
+                                      const at::Tensor& fc2_weight, const c10::optional<at::Tensor>& fc2_bias,
+                                      const c10::optional<at::Tensor>& fc1_A, const c10::optional<at::Tensor>& fc1_B,
+                                      const c10::optional<at::Tensor>& fc2_A, const c10::optional<at::Tensor>& fc2_B,
+                                      const at::Tensor& pre, const at::Tensor& U, const at::Tensor& V) {
+  const MoeSizes s = check_inputs(x, indices, weights, fc1_weight, c10::nullopt, fc2_weight, fc2_bias, fc1_A,
+                                  fc1_B, fc2_A, fc2_B);
+  check_shape(grad_y, {s.tokens, s.d_model}, "grad_y", "[tokens, d_model]");
+  check_shape(pre, {s.tokens, s.d_ff}, "pre", "[tokens, d_ff]");
+  if (s.adapt_fc1) check_shape(U, {s.tokens, s.experts * s.rank}, "U", "[tokens, experts * rank]");
+  if (s.adapt_fc2) check_shape(V, {s.tokens, s.experts * s.rank}, "V", "[tokens, experts * rank]");
+  return s;
+}
+
+// Held by every op implementation: the implementation's own ATen calls run as written, neither
+// differentiated (the op has its own backward) nor autocast (they rely on the dtypes they chose; a
+// backward runs under the caller's autocast).
+struct KernelGuard {
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  c10::impl::ExcludeDispatchKeyGuard no_autocast{c10::autocast_dispatch_keyset};
+};
+
+// The dtype the fused passes compute in (and U, V are kept in): float for half types.
+inline at::ScalarType compute_dtype(at::ScalarType t) {
+  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+}
+
+// The experts' factors laid out for the fused passes, in `dtype`, with the scale s folded in where it
+// belongs.  Undefined tensors for a projection that is not adapted.
+struct Factors {
+  at::Tensor A1s;      // [E·r, D]      all experts' fc1 down-projections, stacked
+  at::Tensor B1t;      // [E, r, F]     s · fc1_B transposed: row i of expert e is s·B1[e][:, i]
+  at::Tensor A2;       // [E, r, F]
+  at::Tensor B2s;      // [D, E·r]      s · fc2_B side by side
+};
+
+inline Factors prepare_factors(const MoeSizes& s, const c10::optional<at::Tensor>& fc1_A,
+                               const c10::optional<at::Tensor>& fc1_B, const c10::optional<at::Tensor>& fc2_A,
+                               const c10::optional<at::Tensor>& fc2_B, double scale, at::ScalarType dtype) {
+  Factors f;
+  if (s.adapt_fc1) {
+    f.A1s = fc1_A->to(dtype).reshape({s.experts * s.rank, s.d_model}).contiguous();
+    f.B1t = (fc1_B->to(dtype).transpose(1, 2) * scale).contiguous();
+  }
+  if (s.adapt_fc2) {
+    f.A2 = fc2_A->to(dtype).contiguous();
+    f.B2s = (fc2_B->to(dtype).permute({1, 0, 2}) * scale).reshape({s.d_model, s.experts * s.rank}).contiguous();
+  }
+  return f;
+}
+
+// [n, E, r] gradient of the stacked layout back to fc_B's [E, n, r].
+inline at::Tensor unstack_up(const at::Tensor& stacked, const MoeSizes& s) {
+  return stacked.view({stacked.size(0), s.experts, s.rank}).permute({1, 0, 2}).contiguous();
+}
+
+// t, or a fresh empty tensor standing for an output that was not computed (fresh: the outputs of
+// an op must not alias one another).
+inline at::Tensor or_empty(const at::Tensor& t, const at::TensorOptions& options) {
+  return t.defined() ? t : at::empty({0}, options);
+}
+
+// t converted to `like`'s dtype, when both are there.
+inline at::Tensor cast_like(const at::Tensor& t, const c10::optional<at::Tensor>& like) {
+  return t.defined() && like.has_value() ? t.to(like->scalar_type()) : at::Tensor();
+}
+
+inline at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
+
+// The lora factors' gradients (dA1, dB1, dA2, dB2) in their own layouts and dtypes, from what the
+// fused backward accumulated in the compute dtype: grad_U = dL/d(x A1ᵀ) [T, E·r], grad_B1t = the
+// gradient of B1t without s [E·r, F], grad_A2 [E·r, F]; dB2 = s gᵀ V needs only g and the saved V.
+// Fresh empty tensors (x's options) for a projection that is not adapted.
+inline std::array<at::Tensor, 4> factor_grads(const MoeSizes& s, double scale, const at::Tensor& x,
+                                              const at::Tensor& g, const at::Tensor& V, const at::Tensor& grad_U,
+                                              const at::Tensor& grad_B1t, const at::Tensor& grad_A2,
+                                              const c10::optional<at::Tensor>& fc1_A,
+                                              const c10::optional<at::Tensor>& fc1_B,
+                                              const c10::optional<at::Tensor>& fc2_A,
+                                              const c10::optional<at::Tensor>& fc2_B) {
+  const auto compute = g.scalar_type();
+  at::Tensor dA1, dB1, dA2, dB2;
+  if (s.adapt_fc1) {
+    dA1 = at::mm(grad_U.t(), contiguous_as(x, compute)).view({s.experts, s.rank, s.d_model});
+    dB1 = (grad_B1t.view({s.experts, s.rank, s.d_ff}) * scale).transpose(1, 2).contiguous();
+  }
+  if (s.adapt_fc2) {
+    dA2 = grad_A2.view({s.experts, s.rank, s.d_ff});
+    dB2 = unstack_up(at::mm(g.t(), contiguous_as(V, compute)) * scale, s);
+  }
+  return {or_empty(cast_like(dA1, fc1_A), x.options()), or_empty(cast_like(dB1, fc1_B), x.options()),
+          or_empty(cast_like(dA2, fc2_A), x.options()), or_empty(cast_like(dB2, fc2_B), x.options())};
+}
+
+}  // namespace dasam3

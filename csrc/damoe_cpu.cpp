@@ -1,0 +1,514 @@
+// CPU implementation of the dasam3 mixture-of-low-rank-experts ops (forward and backward).
+//
+// Tokens are processed in tiles small enough that a tile's [tile, d_ff] activations stay in the
+// core's cache: per tile, one BLAS GEMM computes the base pre-activation x W1ᵀ + b1, a vectorised
+// per-token pass adds each slot's low-rank term, applies the activation, combines the k slots into
+// m = Σ_j p_j h_j and shrinks h_j through its expert's A2, and a second GEMM gives m W2ᵀ.
+// [T, k, d_ff] is never materialised; the backward recomputes h_j from the saved pre-activation.
+// Tiles run in parallel (at::parallel_for, OpenMP in PyTorch's builds) and the GEMMs inside a
+// parallel region run single-threaded, so a tile never leaves its core.
+//
+// This file is compiled once per instruction set (setup.py: DEFAULT, AVX2, AVX512, as ATen compiles
+// its own kernels); the Python loader picks the variant the CPU supports, and at::vec::Vectorized
+// maps to that instruction set.
+#include "damoe_common.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+
+namespace dasam3 {
+namespace {
+
+using at::vec::Vectorized;
+
+// Elements of one [tile, d_ff] tile: 2^17 floats = 512 KiB, so the pre-activation and mixture
+// tiles of a core fit in its L2 next to the experts' factors.
+constexpr int64_t kTileElements = int64_t(1) << 17;
+
+// Rows per tile: as many as fit kTileElements, but few enough that every thread gets a tile.
+int64_t tile_rows(int64_t tokens, int64_t d_ff) {
+  const int64_t per_thread = (tokens + at::get_num_threads() - 1) / at::get_num_threads();
+  return std::max<int64_t>(8, std::min(kTileElements / std::max<int64_t>(d_ff, 1), per_thread));
+}
+
+// ---- activations on a vector of pre-activations ----------------------------------------------
+
+template <Activation A>
+struct Act;
+
+// Φ(z) and e^(-z²/2) for the exact-erf gelu.  For float, erf(z/√2) by Abramowitz & Stegun 7.1.26
+// (the formula of ATen's vectorised erf, |error| < 1.5e-7) with ATen's fast exp, the exponential
+// shared with φ(z) = e^(-z²/2)/√(2π); for double, the accurate erf and exp.
+template <typename V>
+void normal_cdf_and_exp(V z, V& cdf, V& e) {
+  if constexpr (std::is_same_v<typename V::value_type, float>) {
+    e = (z * z * V(-0.5f)).exp_u20();
+    const V t = V(1.f) / at::vec::fmadd(V(0.3275911f * float(M_SQRT1_2)), z.abs(), V(1.f));
+    V poly = at::vec::fmadd(V(1.061405429f), t, V(-1.453152027f));
+    poly = at::vec::fmadd(poly, t, V(1.421413741f));
+    poly = at::vec::fmadd(poly, t, V(-0.284496736f));
+    poly = at::vec::fmadd(poly, t, V(0.254829592f));
+    const V tail = V(0.5f) * poly * t * e;  // Φ(-|z|)
+    cdf = V::blendv(V(1.f) - tail, tail, z < V(0.f));
+  } else {
+    e = (z * z * V(-0.5)).exp();
+    cdf = (V(1) + (z * V(M_SQRT1_2)).erf()) * V(0.5);
+  }
+}
+
+template <>
+struct Act<Activation::kGelu> {  // z Φ(z), the exact erf form
+  template <typename V>
+  static V value(V z) {
+    V cdf, e;
+    normal_cdf_and_exp(z, cdf, e);
+    return z * cdf;
+  }
+  template <typename V>
+  static void value_and_grad(V z, V& h, V& d) {
+    V cdf, e;
+    normal_cdf_and_exp(z, cdf, e);
+    h = z * cdf;
+    d = at::vec::fmadd(z * V(0.5 * M_2_SQRTPI * M_SQRT1_2), e, cdf);  // Φ(z) + z φ(z)
+  }
+};
+
+template <>
+struct Act<Activation::kGeluTanh> {  // 0.5 z (1 + tanh(√(2/π)(z + 0.044715 z³)))
+  static constexpr double kC = 0.7978845608028654;
+  static constexpr double kA = 0.044715;
+  template <typename V>
+  static V value(V z) {
+    const V tanh = (V(kC) * at::vec::fmadd(V(kA) * z * z, z, z)).tanh();
+    return V(0.5) * z * (V(1) + tanh);
+  }
+  template <typename V>
+  static void value_and_grad(V z, V& h, V& d) {
+    const V z2 = z * z;
+    const V tanh = (V(kC) * at::vec::fmadd(V(kA) * z2, z, z)).tanh();
+    const V dinner = V(kC) * at::vec::fmadd(V(3 * kA), z2, V(1));
+    h = V(0.5) * z * (V(1) + tanh);
+    d = V(0.5) * (V(1) + tanh) + V(0.5) * z * (V(1) - tanh * tanh) * dinner;
+  }
+};
+
+template <>
+struct Act<Activation::kRelu> {
+  template <typename V>
+  static V value(V z) {
+    return at::vec::clamp_min(z, V(0));
+  }
+  template <typename V>
+  static void value_and_grad(V z, V& h, V& d) {
+    h = at::vec::clamp_min(z, V(0));
+    d = z.gt(V(0));  // 1 where z > 0, else 0: torch's relu gradient at 0
+  }
+};
+
+template <>
+struct Act<Activation::kSilu> {  // z σ(z)
+  template <typename V>
+  static V value(V z) {
+    return z / (V(1) + z.neg().exp());
+  }
+  template <typename V>
+  static void value_and_grad(V z, V& h, V& d) {
+    const V sig = V(1) / (V(1) + z.neg().exp());
+    h = z * sig;
+    d = sig * at::vec::fmadd(z, V(1) - sig, V(1));
+  }
+};
+
+// ---- vector helpers over rows of length n --------------------------------------------------------
+
+template <typename scalar_t>
+scalar_t reduce_sum(Vectorized<scalar_t> v) {
+  return at::vec::vec_reduce_all<scalar_t>([](auto a, auto b) { return a + b; }, v);
+}
+
+// fn(f, m) on the vectors of a row of n elements: m = V::size() as a compile-time constant on the full
+// vectors (their loads and stores compile to plain vector moves), the remaining count on the tail.
+template <typename scalar_t, typename Fn>
+inline void for_each_vector(int64_t n, const Fn& fn) {
+  constexpr int64_t kSize = Vectorized<scalar_t>::size();
+  int64_t f = 0;
+  for (; f + kSize <= n; f += kSize) fn(f, std::integral_constant<int64_t, kSize>{});
+  if (f < n) fn(f, n - f);
+}
+
+// out[i] += coeff · Σ_f a[f] rows[i][f] for i < kRows: kRows dot products sharing the loads of a.
+template <int kRows, typename scalar_t>
+void add_dots_of(const scalar_t* a, const scalar_t* rows, int64_t n, scalar_t coeff, scalar_t* out) {
+  using V = Vectorized<scalar_t>;
+  V acc[kRows];
+  std::fill(acc, acc + kRows, V(0));
+  for_each_vector<scalar_t>(n, [&](int64_t f, auto m) {
+    const V av = V::loadu(a + f, m);
+    for (int i = 0; i < kRows; ++i) acc[i] = at::vec::fmadd(av, V::loadu(rows + i * n + f, m), acc[i]);
+  });
+  for (int i = 0; i < kRows; ++i) out[i] += coeff * reduce_sum(acc[i]);
+}
+
+// out[i] += coeff · Σ_f a[f] rows[i][f] for the r rows of an expert.
+template <typename scalar_t>
+void add_dots(const scalar_t* a, const scalar_t* rows, int64_t r, int64_t n, scalar_t coeff, scalar_t* out) {
+  int64_t i = 0;
+  for (; i + 4 <= r; i += 4) add_dots_of<4>(a, rows + i * n, n, coeff, out + i);
+  for (; i < r; ++i) add_dots_of<1>(a, rows + i * n, n, coeff, out + i);
+}
+
+// rows[i][f] += coeffs[i] · a[f] for i < r: one token's rank-r outer-product update.
+template <typename scalar_t>
+void add_outer(const scalar_t* coeffs, const scalar_t* a, int64_t r, int64_t n, scalar_t* rows) {
+  using V = Vectorized<scalar_t>;
+  for (int64_t i = 0; i < r; ++i) {
+    const V c(coeffs[i]);
+    scalar_t* row = rows + i * n;
+    for_each_vector<scalar_t>(n, [&](int64_t f, auto m) {
+      at::vec::fmadd(c, V::loadu(a + f, m), V::loadu(row + f, m)).store(row + f, m);
+    });
+  }
+}
+
+// base[f..f+m) + Σ_i coeffs[i] · rows[i][f..f+m): a low-rank correction of one vector of a row.
+template <typename scalar_t>
+Vectorized<scalar_t> low_rank_add(const scalar_t* base, const scalar_t* coeffs, const scalar_t* rows, int64_t r,
+                                  int64_t n, int64_t f, int64_t m) {
+  using V = Vectorized<scalar_t>;
+  V z = V::loadu(base + f, m);
+  for (int64_t i = 0; i < r; ++i) z = at::vec::fmadd(V(coeffs[i]), V::loadu(rows + i * n + f, m), z);
+  return z;
+}
+
+// row (=, or += when accumulate) v on m elements at f.
+template <typename scalar_t>
+void store_or_add(Vectorized<scalar_t> v, scalar_t* row, int64_t f, int64_t m, bool accumulate) {
+  using V = Vectorized<scalar_t>;
+  (accumulate ? v + V::loadu(row + f, m) : v).store(row + f, m);
+}
+
+// Routing and factors of one call, as raw row-major pointers in scalar_t.
+template <typename scalar_t>
+struct Experts {
+  int64_t d_ff, top_k, experts, rank;
+  const int64_t* indices;  // [T, k]
+  const scalar_t* p;       // [T, k]
+  const scalar_t* U;       // [T, E·r] = x A1ᵀ, or null when fc1 is not adapted
+  const scalar_t* B1t;     // [E, r, F], s folded in, or null
+  const scalar_t* A2;      // [E, r, F], or null when fc2 is not adapted
+
+  int64_t expert(int64_t t, int64_t j) const { return indices[t * top_k + j]; }
+  scalar_t weight(int64_t t, int64_t j) const { return p[t * top_k + j]; }
+  const scalar_t* u(int64_t t, int64_t e) const { return U + (t * experts + e) * rank; }
+  const scalar_t* B1t_of(int64_t e) const { return B1t + e * rank * d_ff; }
+  const scalar_t* A2_of(int64_t e) const { return A2 + e * rank * d_ff; }
+};
+
+// Token t's forward from its pre-activation row: mixed = Σ_j p_j h_j; v_row[e_j·r..] += p_j A2[e_j] h_j.
+// h_row: [F] scratch.
+template <typename scalar_t, Activation A>
+void forward_token(const Experts<scalar_t>& X, int64_t t, const scalar_t* pre, scalar_t* mixed, scalar_t* v_row,
+                   scalar_t* h_row) {
+  using V = Vectorized<scalar_t>;
+  const int64_t F = X.d_ff;
+  for (int64_t j = 0; j < X.top_k; ++j) {
+    const int64_t e = X.expert(t, j);
+    const scalar_t pj = X.weight(t, j);
+    const scalar_t* u = X.U ? X.u(t, e) : nullptr;
+    const scalar_t* B1t_e = X.U ? X.B1t_of(e) : nullptr;
+    const int64_t r1 = X.U ? X.rank : 0;
+    for_each_vector<scalar_t>(F, [&](int64_t f, auto m) {
+      const V h = Act<A>::value(low_rank_add(pre, u, B1t_e, r1, F, f, m));
+      store_or_add(V(pj) * h, mixed, f, m, j > 0);
+      if (X.A2) h.store(h_row + f, m);
+    });
+    if (X.A2) add_dots(h_row, X.A2_of(e), X.rank, F, pj, v_row + e * X.rank);
+  }
+}
+
+// Per-token inputs and outputs of the backward pass (rows of length F unless noted).
+template <typename scalar_t>
+struct TokenGrads {
+  const scalar_t* pre;
+  const scalar_t* grad_mixed;  // W2ᵀ g
+  const scalar_t* g2;          // [E·r] g (s B2s), or null when fc2 is not adapted
+  scalar_t g_dot_b2;           // <g, b2>
+  scalar_t* grad_pre;          // Σ_j dL/dz_j
+  scalar_t* grad_p;            // [k]
+  scalar_t* grad_u;            // [E·r] accumulated, or null
+  scalar_t* grad_B1t;          // [E, r, F] accumulated (without s), or null
+  scalar_t* grad_A2;           // [E, r, F] accumulated, or null
+  scalar_t* mixed;             // Σ_j p_j h_j, or null when not wanted
+  scalar_t* h_row;             // scratch
+  scalar_t* gz_row;            // scratch
+};
+
+// Token t's backward: with q_j = W2ᵀg + A2[e]ᵀ g2_e (the gradient of h_j per unit p_j),
+// dL/dp_j = <h_j, q_j> + <g, b2> and dL/dz_j = p_j q_j act'(z_j).
+template <typename scalar_t, Activation A>
+void backward_token(const Experts<scalar_t>& X, int64_t t, const TokenGrads<scalar_t>& G) {
+  using V = Vectorized<scalar_t>;
+  const int64_t F = X.d_ff, r = X.rank;
+  const bool fc1 = X.U != nullptr, fc2 = X.A2 != nullptr;
+  scalar_t coeffs[64];
+  for (int64_t j = 0; j < X.top_k; ++j) {
+    const int64_t e = X.expert(t, j);
+    const scalar_t pj = X.weight(t, j);
+    const scalar_t* u = fc1 ? X.u(t, e) : nullptr;
+    const scalar_t* B1t_e = fc1 ? X.B1t_of(e) : nullptr;
+    const scalar_t* A2_e = fc2 ? X.A2_of(e) : nullptr;
+    const scalar_t* g2 = fc2 ? G.g2 + e * r : nullptr;
+    V grad_p(0);
+    for_each_vector<scalar_t>(F, [&](int64_t f, auto m) {
+      V h, d;
+      Act<A>::value_and_grad(low_rank_add(G.pre, u, B1t_e, fc1 ? r : 0, F, f, m), h, d);
+      const V q = low_rank_add(G.grad_mixed, g2, A2_e, fc2 ? r : 0, F, f, m);
+      grad_p = at::vec::fmadd(h, q, grad_p);
+      const V gz = V(pj) * q * d;
+      store_or_add(gz, G.grad_pre, f, m, j > 0);
+      if (fc1) gz.store(G.gz_row + f, m);
+      if (fc2) h.store(G.h_row + f, m);
+      if (G.mixed) store_or_add(V(pj) * h, G.mixed, f, m, j > 0);
+    });
+    G.grad_p[j] = reduce_sum(grad_p) + G.g_dot_b2;
+    if (fc1) {
+      add_dots(G.gz_row, B1t_e, r, F, scalar_t(1), G.grad_u + e * r);  // s is in B1t
+      add_outer(u, G.gz_row, r, F, G.grad_B1t + e * r * F);
+    }
+    for (int64_t i0 = 0; fc2 && i0 < r; i0 += 64) {  // dA2[e] += p_j g2_e ⊗ h_j, in chunks of 64 ranks
+      const int64_t count = std::min<int64_t>(64, r - i0);
+      for (int64_t i = 0; i < count; ++i) coeffs[i] = pj * g2[i0 + i];
+      add_outer(coeffs, G.h_row, count, F, G.grad_A2 + (e * r + i0) * F);
+    }
+  }
+}
+
+template <typename T>
+T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : nullptr;
+}
+
+// Row `row` of a row-major tensor with rows of `width` elements; null for an undefined tensor.
+template <typename T>
+T* row_of(const at::Tensor& t, int64_t row, int64_t width) {
+  return t.defined() ? t.data_ptr<T>() + row * width : nullptr;
+}
+
+// fn(first_tile, end_tile) on the tiles of `tokens` rows, in parallel.  The worker threads get the
+// caller's thread-local state (the KernelGuard that keeps the tile GEMMs out of autograd and autocast).
+template <typename Fn>
+void parallel_tiles(int64_t tokens, int64_t rows, const Fn& fn) {
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, (tokens + rows - 1) / rows, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard state_guard(caller_state);
+    fn(begin, end);
+  });
+}
+
+// ---- forward ---------------------------------------------------------------------------------------
+
+struct ForwardTensors {  // all contiguous, in the compute dtype
+  at::Tensor x, W1, b1, W2, b2, p_sum, B2s;
+  at::Tensor y, pre, V;  // outputs; pre undefined when not saved, V when fc2 is not adapted
+};
+
+template <typename scalar_t, Activation A>
+void forward_tiles(const Experts<scalar_t>& X, ForwardTensors& ts) {
+  const int64_t T = ts.x.size(0), F = X.d_ff, rows = tile_rows(T, F);
+  parallel_tiles(T, rows, [&](int64_t begin, int64_t end) {
+    const auto opts = ts.x.options();
+    at::Tensor pre_scratch = ts.pre.defined() ? at::Tensor() : at::empty({rows, F}, opts);
+    at::Tensor mixed = at::empty({rows, F}, opts), h_row = at::empty({F}, opts);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t t0 = tile * rows, n = std::min(rows, T - t0);
+      at::Tensor pre = ts.pre.defined() ? ts.pre.narrow(0, t0, n) : pre_scratch.narrow(0, 0, n);
+      at::Tensor x_tile = ts.x.narrow(0, t0, n), y = ts.y.narrow(0, t0, n), m = mixed.narrow(0, 0, n);
+      if (ts.b1.defined()) at::addmm_out(pre, ts.b1, x_tile, ts.W1.t());
+      else at::mm_out(pre, x_tile, ts.W1.t());
+      for (int64_t t = 0; t < n; ++t) {
+        forward_token<scalar_t, A>(X, t0 + t, row_of<scalar_t>(pre, t, F), row_of<scalar_t>(m, t, F),
+                                   row_of<scalar_t>(ts.V, t0 + t, X.experts * X.rank), h_row.data_ptr<scalar_t>());
+      }
+      at::mm_out(y, m, ts.W2.t());
+      if (X.A2) y.addmm_(ts.V.narrow(0, t0, n), ts.B2s.t());
+      if (ts.b2.defined()) y.addr_(ts.p_sum.narrow(0, t0, n), ts.b2);
+    }
+  });
+}
+
+at::Tensor optional_as(const c10::optional<at::Tensor>& t, at::ScalarType dtype) {
+  return t.has_value() ? contiguous_as(*t, dtype) : at::Tensor();
+}
+
+template <typename scalar_t>
+Experts<scalar_t> experts_view(const MoeSizes& s, const at::Tensor& indices, const at::Tensor& p,
+                               const at::Tensor& U, const Factors& f) {
+  return Experts<scalar_t>{s.d_ff,
+                           s.top_k,
+                           s.experts,
+                           s.rank,
+                           indices.data_ptr<int64_t>(),
+                           p.data_ptr<scalar_t>(),
+                           s.adapt_fc1 ? U.data_ptr<scalar_t>() : nullptr,
+                           ptr_or_null<scalar_t>(f.B1t),
+                           ptr_or_null<scalar_t>(f.A2)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_moe_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& indices, const at::Tensor& weights, const at::Tensor& fc1_weight,
+    const c10::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight, const c10::optional<at::Tensor>& fc2_bias,
+    const c10::optional<at::Tensor>& fc1_A, const c10::optional<at::Tensor>& fc1_B,
+    const c10::optional<at::Tensor>& fc2_A, const c10::optional<at::Tensor>& fc2_B, double scale,
+    c10::string_view activation, bool save_for_backward) {
+  const KernelGuard guard;
+  const MoeSizes s = check_inputs(x, indices, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc1_A, fc1_B,
+                                  fc2_A, fc2_B);
+  const Activation act = parse_activation(activation);
+  const auto dtype = compute_dtype(x.scalar_type());
+  const int64_t Er = s.experts * s.rank;
+  ForwardTensors ts;
+  ts.x = contiguous_as(x, dtype);
+  ts.W1 = contiguous_as(fc1_weight, dtype);
+  ts.b1 = optional_as(fc1_bias, dtype);
+  ts.W2 = contiguous_as(fc2_weight, dtype);
+  ts.b2 = optional_as(fc2_bias, dtype);
+  const at::Tensor p = contiguous_as(weights, dtype), idx = contiguous_as(indices, at::kLong);
+  if (ts.b2.defined()) ts.p_sum = p.sum(1);
+  const Factors f = prepare_factors(s, fc1_A, fc1_B, fc2_A, fc2_B, scale, dtype);
+  ts.B2s = f.B2s;
+  const at::Tensor U = s.adapt_fc1 ? at::mm(ts.x, f.A1s.t()) : at::Tensor();
+  ts.V = s.adapt_fc2 ? at::zeros({s.tokens, Er}, ts.x.options()) : at::Tensor();
+  ts.y = at::empty({s.tokens, s.d_model}, ts.x.options());
+  if (save_for_backward) ts.pre = at::empty({s.tokens, s.d_ff}, ts.x.options());
+
+  AT_DISPATCH_FLOATING_TYPES(dtype, "lowrank_moe_fwd_cpu", [&] {
+    const auto X = experts_view<scalar_t>(s, idx, p, U, f);
+    with_activation(act, [&](auto a) { forward_tiles<scalar_t, decltype(a)::value>(X, ts); });
+  });
+
+  const at::Tensor y = ts.y.to(x.scalar_type());
+  if (!save_for_backward) return {y, at::empty({0}, x.options()), or_empty({}, p.options()), or_empty({}, p.options())};
+  return {y, ts.pre.to(x.scalar_type()), or_empty(U, p.options()), or_empty(ts.V, p.options())};
+}
+
+// ---- backward --------------------------------------------------------------------------------------
+
+struct BackwardTensors {  // all contiguous, in the compute dtype
+  at::Tensor g, W1, W2, A1s, pre, g2, g_dot_b2;
+  at::Tensor grad_p, grad_U, grad_x, grad_pre, mixed;  // outputs; grad_x/grad_pre/mixed undefined if unwanted
+  at::Tensor grad_B1t, grad_A2;                        // [threads, E, r, F] per-thread accumulators
+};
+
+template <typename scalar_t, Activation A>
+void backward_tiles(const Experts<scalar_t>& X, BackwardTensors& ts) {
+  const int64_t T = ts.g.size(0), F = X.d_ff, Er = X.experts * X.rank, rows = tile_rows(T, F);
+  parallel_tiles(T, rows, [&](int64_t begin, int64_t end) {
+    const auto opts = ts.g.options();
+    const int64_t thread = at::get_thread_num();  // owns slice `thread` of the [threads, E, r, F] accumulators
+    at::Tensor grad_mixed = at::empty({rows, F}, opts), scratch = at::empty({2, F}, opts);
+    at::Tensor grad_pre_scratch = ts.grad_pre.defined() ? at::Tensor() : at::empty({rows, F}, opts);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t t0 = tile * rows, n = std::min(rows, T - t0);
+      at::Tensor gm = grad_mixed.narrow(0, 0, n), g = ts.g.narrow(0, t0, n);
+      at::Tensor grad_pre = ts.grad_pre.defined() ? ts.grad_pre.narrow(0, t0, n) : grad_pre_scratch.narrow(0, 0, n);
+      at::mm_out(gm, g, ts.W2);
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t row = t0 + t;
+        TokenGrads<scalar_t> G{row_of<scalar_t>(ts.pre, row, F),
+                               row_of<scalar_t>(gm, t, F),
+                               row_of<scalar_t>(ts.g2, row, Er),
+                               ts.g_dot_b2.defined() ? ts.g_dot_b2.data_ptr<scalar_t>()[row] : scalar_t(0),
+                               row_of<scalar_t>(grad_pre, t, F),
+                               row_of<scalar_t>(ts.grad_p, row, X.top_k),
+                               row_of<scalar_t>(ts.grad_U, row, Er),
+                               row_of<scalar_t>(ts.grad_B1t, thread, Er * F),
+                               row_of<scalar_t>(ts.grad_A2, thread, Er * F),
+                               row_of<scalar_t>(ts.mixed, row, F),
+                               row_of<scalar_t>(scratch, 0, F),
+                               row_of<scalar_t>(scratch, 1, F)};
+        backward_token<scalar_t, A>(X, row, G);
+      }
+      if (ts.grad_x.defined()) {
+        at::Tensor gx = ts.grad_x.narrow(0, t0, n);
+        at::mm_out(gx, grad_pre, ts.W1);
+        if (X.U) gx.addmm_(ts.grad_U.narrow(0, t0, n), ts.A1s);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lowrank_moe_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& indices,
+                    const at::Tensor& weights, const at::Tensor& fc1_weight, const at::Tensor& fc2_weight,
+                    const c10::optional<at::Tensor>& fc2_bias, const c10::optional<at::Tensor>& fc1_A,
+                    const c10::optional<at::Tensor>& fc1_B, const c10::optional<at::Tensor>& fc2_A,
+                    const c10::optional<at::Tensor>& fc2_B, const at::Tensor& pre, const at::Tensor& U,
+                    const at::Tensor& V, double scale, c10::string_view activation, bool need_grad_x,
+                    bool need_fc_grads) {
+  const KernelGuard guard;
+  const MoeSizes s = check_backward_inputs(grad_y, x, indices, weights, fc1_weight, fc2_weight, fc2_bias, fc1_A,
+                                           fc1_B, fc2_A, fc2_B, pre, U, V);
+  const Activation act = parse_activation(activation);
+  const auto dtype = compute_dtype(x.scalar_type());
+  const int64_t Er = s.experts * s.rank;
+
+  BackwardTensors ts;
+  ts.g = contiguous_as(grad_y, dtype);
+  ts.W1 = contiguous_as(fc1_weight, dtype);
+  ts.W2 = contiguous_as(fc2_weight, dtype);
+  ts.pre = contiguous_as(pre, dtype);
+  const at::Tensor p = contiguous_as(weights, dtype), idx = contiguous_as(indices, at::kLong);
+  const at::Tensor Uc = s.adapt_fc1 ? contiguous_as(U, dtype) : at::Tensor();
+  const Factors f = prepare_factors(s, fc1_A, fc1_B, fc2_A, fc2_B, scale, dtype);
+  ts.A1s = f.A1s;
+  if (s.adapt_fc2) ts.g2 = at::mm(ts.g, f.B2s);
+  if (fc2_bias.has_value()) ts.g_dot_b2 = at::mv(ts.g, contiguous_as(*fc2_bias, dtype));
+  const auto opts = ts.g.options();
+  ts.grad_p = at::empty({s.tokens, s.top_k}, opts);
+  const int64_t threads = at::get_num_threads();
+  if (s.adapt_fc1) {
+    ts.grad_U = at::zeros({s.tokens, Er}, opts);
+    ts.grad_B1t = at::zeros({threads, s.experts, s.rank, s.d_ff}, opts);
+  }
+  if (s.adapt_fc2) ts.grad_A2 = at::zeros({threads, s.experts, s.rank, s.d_ff}, opts);
+  if (need_grad_x) ts.grad_x = at::empty({s.tokens, s.d_model}, opts);
+  if (need_fc_grads) {
+    ts.grad_pre = at::empty({s.tokens, s.d_ff}, opts);
+    ts.mixed = at::empty({s.tokens, s.d_ff}, opts);
+  }
+
+  AT_DISPATCH_FLOATING_TYPES(dtype, "lowrank_moe_bwd_cpu", [&] {
+    const auto X = experts_view<scalar_t>(s, idx, p, Uc, f);
+    with_activation(act, [&](auto a) { backward_tiles<scalar_t, decltype(a)::value>(X, ts); });
+  });
+
+  const auto sum_threads = [](const at::Tensor& t) { return t.defined() ? t.sum(0) : t; };
+  const auto lora = factor_grads(s, scale, x, ts.g, V, ts.grad_U, sum_threads(ts.grad_B1t), sum_threads(ts.grad_A2),
+                                 fc1_A, fc1_B, fc2_A, fc2_B);
+  const auto in_x_dtype = [&](const at::Tensor& t) {
+    return or_empty(t.defined() ? t.to(x.scalar_type()) : t, x.options());
+  };
+  return {in_x_dtype(ts.grad_x), ts.grad_p.to(weights.scalar_type()), lora[0], lora[1], lora[2], lora[3],
+          in_x_dtype(ts.grad_pre), in_x_dtype(ts.mixed)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(dasam3, m) {
+  m.def(kForwardSchema);
+  m.def(kBackwardSchema);
+}
+
+TORCH_LIBRARY_IMPL(dasam3, CPU, m) {
+  m.impl("lowrank_moe_fwd", &lowrank_moe_fwd_cpu);
+  m.impl("lowrank_moe_bwd", &lowrank_moe_bwd_cpu);
+}
+
+}  // namespace dasam3

@@ -1,0 +1,188 @@
+"""The compiled csrc/ kernels as the "cpu" and "cuda" backends.
+
+`setup.py` builds `dasam3_kernels/_C_cpu_<isa>` (the CPU kernels, one library per instruction set:
+avx512, avx2, default) and, where torch has CUDA and nvcc is found, `dasam3_kernels/_C_cuda`.  The CPU
+library defines the ops `torch.ops.dasam3.lowrank_moe_fwd` / `lowrank_moe_bwd` and their CPU kernels;
+the CUDA library adds CUDA kernels for the same ops.  This module loads the best library the machine
+runs (PyTorch's own CPU capability decides, so `ATEN_CPU_CAPABILITY=avx2|default` lowers it as it does
+for ATen), and registers the ops' autograd formula and fake (shape) implementations, so they work
+with `torch.autograd`, `torch.library.opcheck` and `torch.compile`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.machinery
+from pathlib import Path
+
+import torch
+
+from .backends import Backend
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+# Library variants to try, best first, for PyTorch's CPU capability on this machine.
+_CPU_VARIANTS = {"AVX512": ("avx512", "avx2", "default"), "AVX2": ("avx2", "default")}
+_BUILD_HINT = (
+    "build it with a C++ compiler present: install torch first, then `pip install -e . --no-build-isolation` "
+    "(or `python setup.py build_ext --inplace`) in the dasam3 source tree"
+)
+
+
+def _library_path(stem: str) -> Path | None:
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = _PACKAGE_DIR / f"{stem}{suffix}"
+        if path.exists():
+            return path
+    return None
+
+
+def _load(path: Path, what: str) -> None:
+    try:
+        torch.ops.load_library(str(path))
+    except OSError as error:  # e.g. built against another torch: undefined symbols
+        raise RuntimeError(f"{what} at {path} does not load ({error}); rebuild it: {_BUILD_HINT}") from error
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_variant() -> str:
+    """Loads the CPU library (once) and returns its instruction set: "avx512", "avx2" or "default"."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    for variant in _CPU_VARIANTS.get(capability, ("default",)):
+        path = _library_path(f"_C_cpu_{variant}")
+        if path is not None:
+            _load(path, f"the dasam3 CPU extension ({variant})")
+            _register_python_parts()
+            return variant
+    raise RuntimeError(
+        f"backend 'cpu' is not available: the compiled dasam3 extension is not built (no "
+        f"_C_cpu_{{avx512,avx2,default}} library in {_PACKAGE_DIR}); {_BUILD_HINT}"
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def load_cuda() -> None:
+    """Loads the CUDA library (once), after the CPU library that defines the ops."""
+    path = _library_path("_C_cuda")
+    if path is None:
+        raise RuntimeError(
+            f"backend 'cuda' is not available: the dasam3 CUDA extension is not built (no _C_cuda library in "
+            f"{_PACKAGE_DIR}); it needs a CUDA build of torch and nvcc at build time: "
+            f"`DASAM3_BUILD_CUDA=1 pip install -e . --no-build-isolation`"
+        )
+    cpu_variant()
+    _load(path, "the dasam3 CUDA extension")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels compute in, and keep U and V in: float32 for half types."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _stacked_width(A: torch.Tensor | None) -> int:
+    return 0 if A is None else A.shape[0] * A.shape[1]
+
+
+def _fwd_fake(x, indices, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc1_A, fc1_B, fc2_A, fc2_B,
+              scale, activation, save_for_backward):
+    tokens, compute = x.shape[0], _compute_dtype(x.dtype)
+    y = x.new_empty(tokens, fc2_weight.shape[0])
+    if not save_for_backward:  # each output its own empty tensor: op outputs must not alias
+        return y, x.new_empty(0), x.new_empty(0, dtype=compute), x.new_empty(0, dtype=compute)
+    U, V = (x.new_empty((tokens, _stacked_width(A)) if A is not None else 0, dtype=compute) for A in (fc1_A, fc2_A))
+    return y, x.new_empty(tokens, fc1_weight.shape[0]), U, V
+
+
+def _bwd_fake(grad_y, x, indices, weights, fc1_weight, fc2_weight, fc2_bias, fc1_A, fc1_B, fc2_A, fc2_B, pre, U, V,
+              scale, activation, need_grad_x, need_fc_grads):
+    lora = [x.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
+            for t in (fc1_A, fc1_B, fc2_A, fc2_B)]
+    hidden = [x.new_empty(pre.shape if need_fc_grads else 0) for _ in range(2)]
+    return (x.new_empty(x.shape if need_grad_x else 0), weights.new_empty(weights.shape), *lora, *hidden)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, indices, weights, W1, b1, W2, b2, A1, B1, A2, B2, scale, activation, save_for_backward = inputs
+    _, pre, U, V = output
+    ctx.save_for_backward(x, indices, weights, W1, W2, b2, A1, B1, A2, B2, pre, U, V)
+    ctx.config = (scale, activation, save_for_backward)
+
+
+def _backward(ctx, grad_y, *_unused_grads):
+    x, indices, weights, W1, W2, b2, A1, B1, A2, B2, pre, U, V = ctx.saved_tensors
+    scale, activation, saved = ctx.config
+    if not saved:
+        raise RuntimeError("dasam3::lowrank_moe_fwd ran with save_for_backward=False, so it cannot be "
+                           "differentiated; call it with save_for_backward=True (lowrank_moe does)")
+    need = ctx.needs_input_grad
+    need_fc = any(need[3:7])
+    gx, gp, gA1, gB1, gA2, gB2, grad_pre, mixed = torch.ops.dasam3.lowrank_moe_bwd(
+        grad_y, x, indices, weights, W1, W2, b2, A1, B1, A2, B2, pre, U, V, scale, activation, need[0], need_fc)
+    p_sum = weights.sum(-1, keepdim=True)
+    frozen = (
+        grad_pre.t() @ x if need[3] else None,
+        grad_pre.sum(0) if need[4] else None,
+        grad_y.t() @ mixed if need[5] else None,
+        (grad_y * p_sum).sum(0).to(b2.dtype) if need[6] else None,
+    )
+    return (gx if need[0] else None, None, gp if need[2] else None, *frozen,
+            gA1 if need[7] else None, gB1 if need[8] else None, gA2 if need[9] else None,
+            gB2 if need[10] else None, None, None, None)
+
+
+_REGISTERED = False
+
+
+def _register_python_parts() -> None:
+    global _REGISTERED
+    if not _REGISTERED:
+        torch.library.register_fake("dasam3::lowrank_moe_fwd", _fwd_fake)
+        torch.library.register_fake("dasam3::lowrank_moe_bwd", _bwd_fake)
+        torch.library.register_autograd("dasam3::lowrank_moe_fwd", _backward, setup_context=_setup_context)
+        _REGISTERED = True
+
+
+def lowrank_moe(
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor | None,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor | None,
+    fc1_A: torch.Tensor | None,
+    fc1_B: torch.Tensor | None,
+    fc2_A: torch.Tensor | None,
+    fc2_B: torch.Tensor | None,
+    scale: float,
+    activation: str,
+    dropout_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """The contract of `reference.lowrank_moe_reference` (x: [T, D] → y: [T, D]) on the fused kernels.
+
+    No dropout: the layer sends training with dropout to the torch path (`supports_dropout=False`).
+    """
+    if dropout_mask is not None:
+        raise ValueError(f"the compiled kernels implement no dropout, got dropout_mask with dropout_p={dropout_p}")
+    tensors = (x, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc1_A, fc1_B, fc2_A, fc2_B)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return torch.ops.dasam3.lowrank_moe_fwd(x, indices, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                            fc1_A, fc1_B, fc2_A, fc2_B, float(scale), activation, save)[0]
+
+
+def _device_error(device_type: str, device: torch.device) -> str | None:
+    if device.type != device_type:
+        return f"backend {device_type!r} runs on {device_type} tensors, got a {device.type} device"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is available"
+    return None
+
+
+def backend(device_type: str) -> Backend:
+    """The "cpu" or "cuda" backend; RuntimeError (what is missing, how to build it) when not built."""
+    if device_type == "cuda":
+        load_cuda()
+    else:
+        cpu_variant()
+    return Backend(name=device_type, lowrank_moe=lowrank_moe,
+                   device_error=functools.partial(_device_error, device_type))

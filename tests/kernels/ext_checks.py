@@ -1,0 +1,93 @@
+"""Checks of the compiled extension's ops shared by the CPU and CUDA tests (device as a parameter)."""
+
+from __future__ import annotations
+
+import torch
+
+from dasam3.layers import DAMoE
+
+from .cases import LORA, Case, assert_close, make_problem, tolerance
+
+# Shapes that span several token tiles of the CPU kernel (2^17 / d_ff rows each), so several threads
+# and their gradient accumulators, and several feature tiles of the CUDA kernel with a ragged tail
+# (the conformance edge cases all fit in one tile).
+MULTI_TILE_CASES = [
+    Case(tokens=150, d_model=12, d_ff=2053, rank=3),
+    Case(tokens=150, d_model=12, d_ff=2053, experts=6, top_k=3, activation="silu", skew=True),
+    Case(tokens=150, d_model=12, d_ff=2053, adapt=("fc2",), bias=False, activation="relu"),
+    Case(tokens=150, d_model=12, d_ff=2053, dtype=torch.bfloat16, activation="gelu_tanh"),
+]
+
+
+def fwd_args(case: Case, device: str, save: bool) -> tuple:
+    """Arguments of `dasam3::lowrank_moe_fwd` for `case`; without `save` (inference) nothing requires grad."""
+    args = make_problem(case, device).args()
+    if not save:
+        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    return (*args, save)
+
+
+def bwd_args(case: Case, device: str, need_fc: bool) -> tuple:
+    """Arguments of `dasam3::lowrank_moe_bwd`, from a forward that saved its intermediates."""
+    problem = make_problem(case, device)
+    t = problem.tensors
+    with torch.no_grad():
+        y, pre, U, V = torch.ops.dasam3.lowrank_moe_fwd(*problem.args(), True)
+    return (torch.randn_like(y), problem.x.detach(), problem.indices, problem.weights.detach(), t["fc1_weight"],
+            t["fc2_weight"], t["fc2_bias"], *(None if t[n] is None else t[n].detach() for n in LORA), pre, U, V,
+            case.scale, case.activation, True, need_fc)
+
+
+def make_layers(device: str, dtype: torch.dtype = torch.float32, backend: str = "cpu", *, skew: bool = False,
+                seed: int = 0, **config) -> tuple[DAMoE, DAMoE]:
+    """(layer on `backend`, the same layer on "reference"), with every lora factor non-zero.
+
+    The reference runs in fp32 for a half-precision layer (the oracle of SPEC section 2), on the
+    same values.  skew: the router prefers expert 1 for every token, so its first slot sees nearly all.
+    """
+    torch.manual_seed(seed)
+    layer = DAMoE(backend=backend, device=device, dtype=dtype, **config)
+    with torch.no_grad():
+        for param in layer.expert_parameters():
+            param.normal_(0.0, 0.3)
+        if skew:
+            layer.router.token_proj.bias[1] = 5.0
+    reference = DAMoE(backend="reference", device=device, dtype=oracle_dtype(dtype), **config)
+    reference.load_state_dict(layer.state_dict())
+    return layer, reference
+
+
+def oracle_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def run_layer(layer: DAMoE, x: torch.Tensor, context: torch.Tensor | None, grad_y: torch.Tensor):
+    """(y, {name: gradient} for x, context and every trainable parameter) of one forward/backward,
+    with the inputs in the layer's dtype."""
+    dtype = layer.fc1.weight.dtype
+    x, grad_y = x.detach().to(dtype).requires_grad_(), grad_y.to(dtype)
+    context = None if context is None else context.detach().to(dtype).requires_grad_()
+    y = layer(x, context)
+    y.backward(grad_y)
+    grads = {"x": x.grad, **({"context": context.grad} if context is not None else {})}
+    grads.update({name: p.grad for name, p in layer.named_parameters() if p.requires_grad})
+    return y, grads
+
+
+def check_layer_against_reference(device: str, dtype: torch.dtype = torch.float32, backend: str = "cpu", *,
+                                  skew: bool = False, context_dim: int = 0, **config) -> None:
+    """DAMoE on `backend` vs "reference": output and the gradients of x, context and all trainables."""
+    layer, reference = make_layers(device, dtype, backend, skew=skew, context_dim=context_dim, **config)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 17, layer.d_model, generator=gen).to(device, dtype)
+    context = torch.randn(3, context_dim, generator=gen).to(device, dtype) if context_dim else None
+    grad_y = torch.randn(x.shape, generator=gen).to(device, dtype)
+    y, grads = run_layer(layer, x, context, grad_y)
+    y_ref, grads_ref = run_layer(reference, x, context, grad_y)
+    assert torch.equal(layer.last_routing["indices"], reference.last_routing["indices"])
+    tol = tolerance(dtype)
+    assert_close(y, y_ref, tol, "layer output")
+    assert grads.keys() == grads_ref.keys()
+    for name, grad_ref in grads_ref.items():
+        assert_close(grads[name], grad_ref, tol, f"d{name}")
+    assert grads["router.token_proj.weight"].abs().max() > 0  # the routing weights' gradient reached the router

@@ -1,0 +1,196 @@
+"""The compiled CPU kernels (`dasam3_kernels.cpp_ops`, csrc/damoe_cpu.cpp) beyond the conformance suite.
+
+test_backends.py already runs backend "cpu" against the reference on the edge matrix; here: several
+tiles on several threads, the op contracts (opcheck, torch.compile), the layer end to end, the
+frozen weights' gradients, every instruction-set variant, bad input, and the missing-extension path.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dasam3.layers import DAMoE
+from dasam3_kernels import backends, cpp_ops, load_backend, resolve_backend
+
+from .cases import Case, assert_close, check_against_reference, make_problem
+from .ext_checks import MULTI_TILE_CASES, bwd_args, check_layer_against_reference, fwd_args, make_layers, run_layer
+
+try:
+    cpp_ops.cpu_variant()
+    _MISSING = None
+except RuntimeError as error:
+    _MISSING = str(error)
+needs_extension = pytest.mark.skipif(_MISSING is not None, reason=f"{_MISSING}")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@needs_extension
+@pytest.mark.parametrize("case", MULTI_TILE_CASES, ids=str)
+def test_several_tiles_match_reference(case: Case):
+    check_against_reference(load_backend("cpu").lowrank_moe, case, device="cpu")
+
+
+@needs_extension
+def test_result_does_not_depend_on_thread_count():
+    problem = make_problem(MULTI_TILE_CASES[0], "cpu")
+    op = load_backend("cpu").lowrank_moe
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = op(*problem.args())
+        torch.set_num_threads(2)
+        double = op(*problem.args())
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(double, single, rtol=1e-5, atol=1e-6)
+
+
+@needs_extension
+@pytest.mark.parametrize("case", [Case(), Case(adapt=("fc1",), bias=False), Case(adapt=("fc2",)),
+                                  Case(adapt=(), activation="relu"), Case(dtype=torch.float16, tokens=5)], ids=str)
+@pytest.mark.parametrize("save", [True, False])
+def test_forward_op_contract(case: Case, save: bool):
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch, as torch checks them."""
+    torch.library.opcheck(torch.ops.dasam3.lowrank_moe_fwd.default, fwd_args(case, "cpu", save))
+
+
+@needs_extension
+@pytest.mark.parametrize("case", [Case(), Case(adapt=("fc1",), bias=False), Case(adapt=("fc2",))], ids=str)
+@pytest.mark.parametrize("need_fc", [True, False])
+def test_backward_op_contract(case: Case, need_fc: bool):
+    torch.library.opcheck(torch.ops.dasam3.lowrank_moe_bwd.default, bwd_args(case, "cpu", need_fc))
+
+
+@needs_extension
+def test_compiles_without_graph_break():
+    problem = make_problem(Case(), "cpu")
+    op = load_backend("cpu").lowrank_moe
+    compiled = torch.compile(op, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(*problem.args()), op(*problem.args()))
+
+
+@needs_extension
+@pytest.mark.parametrize("config", [
+    {"skew": False},
+    {"skew": True},
+    {"skew": True, "context_dim": 6, "activation": "relu", "num_experts": 5, "top_k": 3},
+    {"adapt": ("fc1",), "bias": False, "activation": "silu", "rank": 3},
+], ids=["balanced", "skewed", "context-relu", "fc1-only"])
+def test_layer_matches_reference(config: dict):
+    check_layer_against_reference("cpu", d_model=24, d_ff=40, **config)
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_layer_under_autocast(dtype: torch.dtype):
+    """Forward and backward inside the caller's autocast: the kernels' own GEMMs must not be recast."""
+    layer, reference = make_layers("cpu", d_model=16, d_ff=48, context_dim=4)
+    x, context, grad_y = torch.randn(2, 9, 16), torch.randn(2, 4), torch.randn(2, 9, 16)
+    y_ref, grads_ref = run_layer(reference, x, context, grad_y)
+    with torch.autocast("cpu", dtype=dtype):
+        y, grads = run_layer(layer, x, context, grad_y)
+    assert y.dtype == dtype
+    assert_close(y, y_ref, 2e-2, "output")
+    for name in ("x", "context", "fc1_lora_A", "fc1_lora_B", "fc2_lora_A", "fc2_lora_B", "router.token_proj.weight"):
+        assert_close(grads[name], grads_ref[name], 2e-2, f"d{name}")
+
+
+@needs_extension
+def test_layer_auto_backend_runs_the_kernel():
+    assert resolve_backend("auto", torch.device("cpu")).name == "cpu"
+    layer = DAMoE(8, 16)
+    assert layer(torch.randn(2, 3, 8)).shape == (2, 3, 8)
+
+
+@needs_extension
+def test_unfrozen_ffn_gets_the_reference_gradients():
+    """The fc weights are frozen by the layer, but a user may unfreeze them: the op differentiates them too."""
+    layer, reference = make_layers("cpu", d_model=12, d_ff=20)
+    for model in (layer, reference):
+        model.fc1.requires_grad_(True)
+        model.fc2.requires_grad_(True)
+    x, grad_y = torch.randn(2, 9, 12), torch.randn(2, 9, 12)
+    y, grads = run_layer(layer, x, None, grad_y)
+    y_ref, grads_ref = run_layer(reference, x, None, grad_y)
+    assert_close(y, y_ref, 1e-4, "output")
+    for name in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
+        assert_close(grads[name], grads_ref[name], 1e-4, f"d{name}")
+
+
+@needs_extension
+def test_backward_of_a_forward_without_saved_state_is_refused():
+    problem = make_problem(Case(), "cpu")
+    y = torch.ops.dasam3.lowrank_moe_fwd(*problem.args(), False)[0]
+    with pytest.raises(RuntimeError, match="save_for_backward=False"):
+        y.sum().backward()
+
+
+@needs_extension
+def test_dropout_is_refused():
+    problem = make_problem(Case(), "cpu")
+    keep = torch.ones(problem.case.tokens, problem.case.top_k, problem.case.d_ff, dtype=torch.bool)
+    with pytest.raises(ValueError, match="no dropout"):
+        cpp_ops.lowrank_moe(*problem.args(), dropout_mask=keep, dropout_p=0.1)
+
+
+@needs_extension
+@pytest.mark.parametrize("change, message", [
+    (lambda a: a.update(fc1_B=None), "fc1_A and fc1_B must be given together"),
+    (lambda a: a.update(fc2_weight=a["fc2_weight"][:, :-1]),
+     r"fc2_weight must be \[d_model, d_ff\] = \[16, 40\], got \[16, 39\]"),
+    (lambda a: a.update(indices=a["indices"] + 3), r"indices must lie in \[0, 4\), got values in \[3, 6\]"),
+    (lambda a: a.update(fc1_A=a["fc1_A"].double()), "fc1_A must have x's dtype Float, got Double"),
+    (lambda a: a.update(activation="tanh"), "activation must be one of gelu, gelu_tanh, relu, silu, got 'tanh'"),
+])
+def test_bad_input_names_expected_and_received(change, message):
+    problem = make_problem(Case(), "cpu")
+    names = ["x", "indices", "weights", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "fc1_A", "fc1_B",
+             "fc2_A", "fc2_B", "scale", "activation"]
+    args = dict(zip(names, problem.args()))
+    change(args)
+    with pytest.raises(RuntimeError, match=message):
+        cpp_ops.lowrank_moe(*args.values())
+
+
+@pytest.mark.parametrize("variant", ["avx2", "default"])
+def test_instruction_set_variant_matches_reference(variant: str):
+    """Each library variant (the CI machine would otherwise only ever load its best one), in a process
+    whose PyTorch CPU capability is lowered the way ATen's own kernels are."""
+    if cpp_ops._library_path(f"_C_cpu_{variant}") is None:
+        pytest.skip(f"no {variant} library is built on this platform")
+    script = (
+        "from dasam3_kernels import cpp_ops, load_backend\n"
+        "from tests.kernels.cases import EDGE_CASES, Case, check_against_reference\n"
+        f"assert cpp_ops.cpu_variant() == {variant!r}, cpp_ops.cpu_variant()\n"
+        "for case in EDGE_CASES[:4] + [Case(tokens=150, d_model=12, d_ff=1000, rank=3, activation='silu')]:\n"
+        "    check_against_reference(load_backend('cpu').lowrank_moe, case, device='cpu')\n"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": variant}
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_missing_extension_says_how_to_build(monkeypatch, tmp_path):
+    """Simulated with an empty package directory: a named backend raises, "auto" falls back to torch."""
+    monkeypatch.setattr(cpp_ops, "_PACKAGE_DIR", tmp_path)
+    monkeypatch.setattr(cpp_ops, "cpu_variant", cpp_ops.cpu_variant.__wrapped__)
+    monkeypatch.setattr(cpp_ops, "load_cuda", cpp_ops.load_cuda.__wrapped__)
+    backends.load_backend.cache_clear()
+    try:
+        for name in ("cpu", "cuda"):
+            with pytest.raises(RuntimeError, match=rf"backend '{name}' is not available: .*not built.*"
+                                                   r"pip install -e \. --no-build-isolation"):
+                load_backend(name)
+        with pytest.raises(RuntimeError, match="backend 'cpu' is not available"):
+            DAMoE(8, 16, backend="cpu")
+        assert resolve_backend("auto", torch.device("cpu")).name == "torch"
+        assert DAMoE(8, 16)(torch.randn(3, 8)).shape == (3, 8)
+    finally:
+        backends.load_backend.cache_clear()
