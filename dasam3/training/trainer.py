@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -95,6 +96,7 @@ class Trainer:
         self.show_progress = show_progress and world.is_main
         self.progress = Progress()
         self._resumed_optimizer: dict[str, Any] | None = None
+        self.step_seconds: list[float] = []  # compute time of each optimizer step this process ran
 
     # -- public ----------------------------------------------------------------------------------------
 
@@ -112,6 +114,10 @@ class Trainer:
             if not self._run_stage(stop_after):
                 break
         return self.progress
+
+    @property
+    def median_step_ms(self) -> float | None:
+        return 1e3 * statistics.median(self.step_seconds) if self.step_seconds else None
 
     # -- stages ------------------------------------------------------------------------------------------
 
@@ -155,7 +161,9 @@ class Trainer:
                 return False
             network.train()
             batch = next(batches)
+            step_started = time.perf_counter()
             metrics = self._train_step(network, optimizer, scheduler, params, batch, concepts, columns)
+            self.step_seconds.append(time.perf_counter() - step_started)
             self.progress.step += 1
             self.progress.global_step += 1
             bar.update(1)
