@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from dasam3._common import atomic_write
 from dasam3.layers.damoe import DAMoE
 from dasam3.layers.training import trainable_parameters
 
@@ -59,15 +59,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, overwrite: bool =
                          "LayerNorm)")
     config = {"format": FORMAT, "version": FORMAT_VERSION, "model": type(model).__name__,
               "layers": _layer_configs(model)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, temp, metadata={_METADATA_KEY: json.dumps(config)})
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
+    atomic_write(path, lambda temp: save_file(tensors, temp, metadata={_METADATA_KEY: json.dumps(config)}))
     return path
 
 

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from dasam3._common import factory_of
 from dasam3.layers.context import ConceptContext
 from dasam3.layers.damoe import DAMoE
 from dasam3.layers.patch import ContextSlot, patch_ffn, select_layers
@@ -52,7 +53,7 @@ def adapt_sam3(model: nn.Module, num_experts: int = 4, top_k: int = 2, rank: int
         patch_ffn(layer, context=slot, num_experts=num_experts, top_k=top_k, rank=rank, **damoe_kwargs)
         if slot is not None:
             layer.concept_context = ConceptContext(fusion.d_model, fusion.d_model, pool=context_pool,
-                                                   num_heads=fusion.num_heads, **_param_like(layer))
+                                                   num_heads=fusion.num_heads, **factory_of(layer))
             feed = _ContextFeed(fusion.watch, fusion.read_layer_call, slot)
             layer.register_forward_pre_hook(feed.before, with_kwargs=True)
             layer.register_forward_hook(feed.after, always_call=True)
@@ -68,11 +69,6 @@ def _resolve_use_context(use_context: bool | None, router: str) -> bool:
     if use_context and router == "random":
         raise ValueError("router='random' ignores the concept context: use_context must be False or None, got True")
     return use_context
-
-
-def _param_like(module: nn.Module) -> dict:
-    param = next(module.parameters())
-    return {"device": param.device, "dtype": param.dtype}
 
 
 # -- the two SAM3 implementations ----------------------------------------------------------------------
