@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Sequence
@@ -43,7 +44,8 @@ class DASAM3(nn.Module):
 
     def __init__(self, config: DASAM3Config):
         super().__init__()
-        self.config = config
+        self.config = copy.deepcopy(config)  # upcycle() records itself here: never in the caller's object
+        config = self.config
         self.image_encoder, self.text_encoder = build_encoders(config)
         grid = self.image_encoder.grid_size(config.image_size)
         channels = self.image_encoder.channels
