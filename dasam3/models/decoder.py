@@ -96,7 +96,8 @@ class HierarchicalFusionDecoder(nn.Module):
 
     V_tok: the encoder's coarsest features projected to d; C_tok: the projected concept embedding;
     S_tok: a learnable segmentation query; P: learnable positions (V's interpolated to other grids).
-    memory: the encoder levels `memory_levels`, projected to d, with sine positions + a level embedding.
+    memory: the encoder levels `memory_levels` (finer ones average-pooled to the token grid), projected
+    to d, with sine positions and a level embedding.
     """
 
     def __init__(self, encoder_channels: list[int], grid: tuple[int, int], text_dim: int, d_model: int,
@@ -146,9 +147,14 @@ class HierarchicalFusionDecoder(nn.Module):
         return decoded, x[:, -1]
 
     def _memory(self, features, num_concepts):
+        grid = features[-1].shape[-2:]
         values, keys = [], []
         for index, (level, proj) in enumerate(zip(self.memory_levels, self.memory_proj)):
-            projected = proj(features[level])
+            feature = features[level]
+            if feature.shape[-2] > grid[0] or feature.shape[-1] > grid[1]:
+                # finer levels are pooled to the token grid: their features, at a cost that stays linear
+                feature = F.adaptive_avg_pool2d(feature, grid)
+            projected = proj(feature)
             tokens = projected.flatten(2).transpose(1, 2)  # [B, h·w, d]
             pos = sine_positions(*projected.shape[-2:], tokens.shape[-1], tokens.device).to(tokens.dtype)
             values.append(tokens)
