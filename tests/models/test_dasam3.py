@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from dasam3.encoders.builtin import ImageLayerNorm
 from dasam3.layers import ConceptContext, DAMoE, aux_loss, mark_trainable
 from dasam3.models import VARIANTS, DASAM3, DASAM3Config, MoEConfig
 from dasam3.models.decoder import ConceptConcat
@@ -136,7 +137,10 @@ def test_training_step_reaches_adapter_tensors():
     for layer in (m for m in model.modules() if isinstance(m, DAMoE)):
         for param in (*layer.expert_parameters(), layer.router.token_proj.weight, layer.router.context_proj.weight):
             assert param.grad is not None and param.grad.abs().sum() > 0
-    assert all(p.grad is None for p in model.image_encoder.parameters())  # frozen
+    convs = [m.weight for m in model.image_encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.grad is None for w in convs)  # the encoder's convs are frozen
+    norms = [m.weight for m in model.image_encoder.modules() if isinstance(m, ImageLayerNorm)]
+    assert norms and all(w.grad is not None and w.grad.abs().sum() > 0 for w in norms)  # its LayerNorms train
 
 
 def test_concat_baseline_trains_its_projection():
