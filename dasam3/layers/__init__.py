@@ -2,17 +2,22 @@
 
 from .context import ConceptContext
 from .damoe import DAMoE, RandomRouter, Router
+from .patch import ContextSlot, PatchedFFN, hierarchical_layers, patch_ffn
 from .training import ParamReport, aux_loss, damoe_layers, mark_trainable, param_report, trainable_parameters
 
 __all__ = [
     "ConceptContext",
+    "ContextSlot",
     "DAMoE",
     "ParamReport",
+    "PatchedFFN",
     "RandomRouter",
     "Router",
     "aux_loss",
     "damoe_layers",
+    "hierarchical_layers",
     "mark_trainable",
     "param_report",
+    "patch_ffn",
     "trainable_parameters",
 ]
