@@ -210,20 +210,25 @@ class DASAM3(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "DASAM3":
         """Rebuild a model saved by `save_pretrained` (in eval mode, on `map_location`)."""
+        directory = Path(directory)
+        if not (directory / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{directory} is not a DASAM3 checkpoint: {CONFIG_NAME} is missing")
+        model = cls(DASAM3Config.load(directory / CONFIG_NAME))
+        return model.load_weights(directory).to(map_location).eval()
+
+    def load_weights(self, directory: str | os.PathLike) -> "DASAM3":
+        """Load `model.safetensors` from a checkpoint of this very architecture (same config); returns self."""
         from safetensors.torch import load_file
 
-        directory = Path(directory)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory} is not a DASAM3 checkpoint: {name} is missing")
-        model = cls(DASAM3Config.load(directory / CONFIG_NAME))
-        state = load_file(str(directory / WEIGHTS_NAME))
-        result = model.load_state_dict(state, strict=False)
-        missing = sorted(set(result.missing_keys) - model._referenced_keys())
+        path = Path(directory) / WEIGHTS_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{Path(directory)} is not a DASAM3 checkpoint: {WEIGHTS_NAME} is missing")
+        result = self.load_state_dict(load_file(str(path)), strict=False)
+        missing = sorted(set(result.missing_keys) - self._referenced_keys())
         if missing or result.unexpected_keys:
-            raise ValueError(f"checkpoint {directory} does not match its config: missing {missing}, "
+            raise ValueError(f"checkpoint {Path(directory)} does not match the model: missing {missing}, "
                              f"unexpected {sorted(result.unexpected_keys)}")
-        return model.to(map_location).eval()
+        return self
 
     def _referenced_keys(self) -> set[str]:
         """State-dict keys of encoders whose weights load from a pretrained source, except trainable ones."""

@@ -155,6 +155,7 @@ class Trainer:
                    desc=f"stage {stage_index + 1}/{len(self.config.stages)} {stage.kind}", dynamic_ncols=True)
         started = time.perf_counter()
         batches = self._batches()
+        val_dice = None
         while self.progress.step < stage.steps:
             if stop_after is not None and self.progress.global_step >= stop_after:
                 bar.close()
@@ -170,14 +171,14 @@ class Trainer:
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", dice=f"{metrics['dice']:.3f}")
             finished = self.progress.step == stage.steps
             if finished or self.progress.step % self.config.val_every == 0:
-                metrics["val_dice"] = self._validate(concepts)
-            if finished:
-                self.progress.stage, self.progress.step = stage_index + 1, 0
+                metrics["val_dice"] = val_dice = self._validate(concepts)
             metrics["seconds"] = time.perf_counter() - started
             self._log(stage_index, stage, metrics)
-            if finished or self.progress.step % self.config.checkpoint_every == 0:
+            if not finished and self.progress.step % self.config.checkpoint_every == 0:
                 self._checkpoint(optimizer, scheduler, metrics.get("val_dice"), concepts)
         bar.close()
+        self.progress.stage, self.progress.step = stage_index + 1, 0  # a resume starts the next stage
+        self._checkpoint(optimizer, scheduler, val_dice, concepts)
         return True
 
     def _train_step(self, network, optimizer, scheduler, params, batch, concepts, columns) -> dict[str, float]:
@@ -304,7 +305,7 @@ class Trainer:
         built = min(self.progress.stage + (self.progress.step > 0), len(self.config.stages))
         for index in range(built):
             self._apply_variant(index)
-        self.model.load_pretrained_weights(last)
+        self.model.load_weights(last)
         self.model.to(self.device)
         restore_rng_state(state["rng"])  # before the next stage's variant draws its initial factors
         if self.progress.step > 0:
