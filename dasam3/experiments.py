@@ -108,31 +108,33 @@ def train(model: DASAM3, stages: list[StageConfig], train_set: SliceDataset, bud
     return trainer.median_step_ms
 
 
-def run_experiment(base_config: DASAM3Config, variants: Sequence[str], train_set: SliceDataset,
+def run_experiment(base: DASAM3Config | Path, variants: Sequence[str], train_set: SliceDataset,
                    test_set: SliceDataset, budget: Budget, out_dir: Path, *, base_concepts: list[str],
                    device: torch.device, seed: int = 0,
                    log: Callable[[str], None] = print) -> list[VariantResult]:
-    """Pretrain a base on `base_concepts`, then adapt each variant to the test classes and score it.
+    """Adapt each variant of a base model to the test classes and score it.
 
-    `FROZEN` among the variants scores the base itself, prompted with the new concepts.
+    base: a checkpoint folder to start from, or a config whose model is first pretrained on
+    `base_concepts` (the CPU stand-in for SAM3's pretraining).  `FROZEN` among the variants scores the
+    base itself, prompted with the new concepts.
     """
     concepts = list(test_set.classes)
-    torch.manual_seed(seed)
-    base = DASAM3(base_config).to(device)
-    log(f"stage 0: pretraining the base model on {base_concepts} ({budget.pretrain_steps} steps)")
-    train(base, budget.pretrain(base_concepts), train_set, budget, out_dir / "base", device, seed)
-    base_checkpoint = out_dir / "base" / "checkpoints" / "last"
+    if isinstance(base, DASAM3Config):
+        torch.manual_seed(seed)
+        model = DASAM3(base).to(device)
+        log(f"stage 0: pretraining the base model on {base_concepts} ({budget.pretrain_steps} steps)")
+        train(model, budget.pretrain(base_concepts), train_set, budget, out_dir / "base", device, seed)
+        base = out_dir / "base" / "checkpoints" / "last"
     results = []
     for variant in variants:
         started = time.perf_counter()
-        if variant == FROZEN:
-            model, step_ms, trainable = base, None, 0
-        else:
+        torch.manual_seed(seed)
+        model = DASAM3.from_pretrained(base, map_location=device)
+        step_ms, trainable = None, 0
+        if variant != FROZEN:
             log(f"{variant}: warm-up {budget.warmup_steps} + calibration {budget.calibrate_steps} steps")
-            torch.manual_seed(seed)
-            model = DASAM3.from_pretrained(base_checkpoint, map_location=device).train()
-            step_ms = train(model, budget.adaptation(variant, concepts), train_set, budget, out_dir / variant,
-                            device, seed)
+            step_ms = train(model.train(), budget.adaptation(variant, concepts), train_set, budget,
+                            out_dir / variant, device, seed)
             trainable = sum(p.numel() for p in model.trainable_parameters("warmup"))
         evaluation = evaluate(model, test_set, device, budget.batch_size)
         results.append(VariantResult(variant, model, evaluation, trainable, step_ms, time.perf_counter() - started))

@@ -10,6 +10,7 @@ Under `torchrun` the same code trains with DDP; rank 0 logs, validates and write
 from __future__ import annotations
 
 import csv
+import json
 import math
 import statistics
 import time
@@ -107,9 +108,12 @@ class Trainer:
         """
         if resume:
             self._resume()
-        elif self.world.is_main and (self.checkpoints / "last").exists():
-            raise FileExistsError(f"{self.out_dir} already holds a run; resume it (--resume) or choose "
-                                  "another output folder")
+        elif self.world.is_main:
+            if (self.checkpoints / "last").exists():
+                raise FileExistsError(f"{self.out_dir} already holds a run; resume it (--resume) or choose "
+                                      "another output folder")
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "train_config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
         while self.progress.stage < len(self.config.stages):
             if not self._run_stage(stop_after):
                 break
@@ -141,6 +145,11 @@ class Trainer:
         stage = self.config.stages[stage_index]
         self._apply_variant(stage_index)
         params = self._select_trainable(stage)
+        if not params:  # e.g. calibrating a random router: no router, no context
+            if self.world.is_main:
+                tqdm.write(f"stage {stage_index + 1} ({stage.kind}): this model has nothing to train in it; skipped")
+            self.progress.stage, self.progress.step = stage_index + 1, 0
+            return True
         optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=self.config.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(stage.steps, self.config.warmup_fraction))
         if self._resumed_optimizer is not None:  # resuming inside this stage
