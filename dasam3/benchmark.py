@@ -6,9 +6,12 @@ frozen W0 and checked against the reference before it is timed.
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -134,11 +137,25 @@ def run(shape: BenchShape = BenchShape(), device: str = "cpu", dtype: torch.dtyp
     dpe = param_report(next(c.module for c in contenders.values() if isinstance(c.module, DAMoE)))
     full = param_report(contenders["standard MoE (full experts)"].module)
     return {
-        "shape": asdict(shape), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+        "shape": asdict(shape), "device": str(device), "hardware": hardware_name(device),
+        "dtype": str(dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows,
         "params": {"dpe_trainable": dpe.damoe_added, "full_experts_trainable": full.damoe_added,
                    "reduction": dpe.reduction},
     }
+
+
+def hardware_name(device: str | torch.device) -> str:
+    """The GPU's name, or the CPU's model name (from /proc/cpuinfo where there is one)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        model = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model}, {os.cpu_count()} cores"
 
 
 def format_report(result: dict) -> str:
@@ -146,7 +163,7 @@ def format_report(result: dict) -> str:
     lines = [
         f"x [{shape['batch']}, {shape['tokens']}, {shape['d_model']}], F = {shape['d_ff']}, E = {shape['experts']}, "
         f"k = {shape['top_k']}, r = {shape['rank']}, {shape['activation']}, {result['dtype']}, {result['device']} "
-        f"({result['threads']} threads), torch {result['torch']}",
+        f"({result['hardware']}, {result['threads']} threads), torch {result['torch']}",
         "",
         f"{'contender':<30} {'forward ms':>11} {'x dense':>8} {'train ms':>10} {'x dense':>8} {'rel err':>9}",
     ]
