@@ -98,6 +98,7 @@ class Trainer:
         self.progress = Progress()
         self._resumed_optimizer: dict[str, Any] | None = None
         self.step_seconds: list[float] = []  # compute time of each optimizer step this process ran
+        self._board = None  # TensorBoard writer (rank 0, when tensorboard is installed)
 
     # -- public ----------------------------------------------------------------------------------------
 
@@ -114,9 +115,15 @@ class Trainer:
                                       "another output folder")
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "train_config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        while self.progress.stage < len(self.config.stages):
-            if not self._run_stage(stop_after):
-                break
+        self._board = self._open_tensorboard()
+        try:
+            while self.progress.stage < len(self.config.stages):
+                if not self._run_stage(stop_after):
+                    break
+        finally:
+            if self._board is not None:
+                self._board.close()
+                self._board = None
         return self.progress
 
     @property
@@ -277,6 +284,21 @@ class Trainer:
                 writer.writeheader()
             writer.writerow({"step": self.progress.global_step, "stage": stage_index, "kind": stage.kind,
                              **{k: metrics.get(k) for k in LOG_FIELDS[3:]}})
+        if self._board is not None:
+            for name in LOG_FIELDS[3:]:
+                if metrics.get(name) is not None:
+                    self._board.add_scalar(f"train/{name}", metrics[name], self.progress.global_step)
+
+    def _open_tensorboard(self):
+        """A SummaryWriter in out_dir/tensorboard, or None without tensorboard (log.csv has it all).
+        Events after the resumed step are purged: those steps are trained again, as in log.csv."""
+        if not self.world.is_main:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return None
+        return SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=self.progress.global_step + 1)
 
     def _checkpoint(self, optimizer, scheduler, val_dice: float | None, concepts: list[str]) -> None:
         if self.world.is_main:

@@ -89,6 +89,21 @@ def test_resume_is_exact(tmp_path):
         assert steps == list(range(1, 9))
 
 
+def test_tensorboard_mirrors_the_csv_log_across_a_resume(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # The last checkpoint is at step 3 (the end of stage 1): step 4 is logged, lost, and trained again.
+    Trainer(tiny_model(), tiny_data(), train_config(), tmp_path, show_progress=False).fit(stop_after=4)
+    Trainer(tiny_model(), tiny_data(), train_config(), tmp_path, show_progress=False).fit(resume=True)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    with (tmp_path / "log.csv").open() as handle:
+        logged = {int(row["step"]): float(row["loss"]) for row in csv.DictReader(handle)}
+    written = events.Scalars("train/loss")
+    assert [event.step for event in written] == sorted(logged) == list(range(1, 9))  # the first step 4 purged
+    assert all(event.value == pytest.approx(logged[event.step], rel=1e-6) for event in written)
+
+
 def test_checkpoints_are_complete_and_a_second_run_refuses_the_folder(tmp_path):
     model = tiny_model()
     Trainer(model, tiny_data(), train_config(), tmp_path, val_set=tiny_data("test"), show_progress=False).fit()
