@@ -133,7 +133,10 @@ inline MoeSizes check_inputs(const at::Tensor& x, const at::Tensor& indices, con
     check_shape(*fc2_B, {s.experts, s.d_model, s.rank}, "fc2_B", "[experts, d_model, rank]");
   }
   if (s.experts > 0 && s.tokens > 0) {  // an index past the factors would read out of bounds
-    const auto lo = indices.min().item<int64_t>(), hi = indices.max().item<int64_t>();
+    // One reduction and one device-to-host copy (a sync on GPUs), not one of each per bound.
+    const auto [min, max] = at::aminmax(indices);
+    const auto bounds = at::stack({min, max}).cpu();
+    const auto lo = bounds[0].item<int64_t>(), hi = bounds[1].item<int64_t>();
     TORCH_CHECK(lo >= 0 && hi < s.experts, "lowrank_moe: indices must lie in [0, ", s.experts,
                 "), got values in [", lo, ", ", hi, "]");
   }

@@ -87,19 +87,28 @@ def check_backend_name(name: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
+def _load_or_error(name: str) -> Backend | RuntimeError:
+    """Both outcomes are cached: "auto" resolves on every forward, and a missing build stays missing."""
+    try:
+        return _LOADERS[name]()
+    except RuntimeError as error:
+        return error
+
+
 def load_backend(name: str) -> Backend:
     """The backend called `name`; RuntimeError (what is missing, how to get it) if it cannot load."""
     check_backend_name(name)
     if name == "auto":
         raise ValueError("'auto' names a choice, not a backend: use resolve_backend")
-    return _LOADERS[name]()
+    loaded = _load_or_error(name)
+    if isinstance(loaded, RuntimeError):
+        raise RuntimeError(*loaded.args) from loaded.__cause__
+    return loaded
 
 
 def _try_load(name: str) -> Backend | None:
-    try:
-        return load_backend(name)
-    except RuntimeError:
-        return None
+    loaded = _load_or_error(name)
+    return None if isinstance(loaded, RuntimeError) else loaded
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
@@ -119,11 +128,11 @@ def resolve_backend(name: str, device: torch.device, *, full_experts: bool = Fal
     except for dropout in training, which the fused kernels leave to the torch path.
     """
     if name == "auto":
-        for candidate in _AUTO_ORDER.get(device.type, ()) + ("torch",):
+        for candidate in _AUTO_ORDER.get(device.type, ()):
             backend = _try_load(candidate)
             if backend is not None and _serves(backend, device, full_experts, dropout):
                 return backend
-        return load_backend("torch")
+        return load_backend("torch")  # serves every call on every device
     backend = load_backend(name)
     error = backend.device_error(device)
     if error is not None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .backends import Backend
+from .torch_path import frozen_ffn_grads
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 # Library variants to try, best first, for PyTorch's CPU capability on this machine.
@@ -114,31 +115,20 @@ def _backward(ctx, grad_y, *_unused_grads):
         raise RuntimeError("dasam3::lowrank_moe_fwd ran with save_for_backward=False, so it cannot be "
                            "differentiated; call it with save_for_backward=True (lowrank_moe does)")
     need = ctx.needs_input_grad
-    need_fc = any(need[3:7])
+    need_fc = any(need[3:6])  # dW1, db1 need grad_pre and dW2 needs mixed; db2 needs neither
     gx, gp, gA1, gB1, gA2, gB2, grad_pre, mixed = torch.ops.dasam3.lowrank_moe_bwd(
         grad_y, x, indices, weights, W1, W2, b2, A1, B1, A2, B2, pre, U, V, scale, activation, need[0], need_fc)
-    p_sum = weights.sum(-1, keepdim=True)
-    frozen = (
-        grad_pre.t() @ x if need[3] else None,
-        grad_pre.sum(0) if need[4] else None,
-        grad_y.t() @ mixed if need[5] else None,
-        (grad_y * p_sum).sum(0).to(b2.dtype) if need[6] else None,
-    )
+    frozen = frozen_ffn_grads(need, x, grad_y, weights, grad_pre, mixed, b2)
     return (gx if need[0] else None, None, gp if need[2] else None, *frozen,
             gA1 if need[7] else None, gB1 if need[8] else None, gA2 if need[9] else None,
             gB2 if need[10] else None, None, None, None)
 
 
-_REGISTERED = False
-
-
 def _register_python_parts() -> None:
-    global _REGISTERED
-    if not _REGISTERED:
-        torch.library.register_fake("dasam3::lowrank_moe_fwd", _fwd_fake)
-        torch.library.register_fake("dasam3::lowrank_moe_bwd", _bwd_fake)
-        torch.library.register_autograd("dasam3::lowrank_moe_fwd", _backward, setup_context=_setup_context)
-        _REGISTERED = True
+    """Fake implementations and autograd; runs once, from the cached `cpu_variant`."""
+    torch.library.register_fake("dasam3::lowrank_moe_fwd", _fwd_fake)
+    torch.library.register_fake("dasam3::lowrank_moe_bwd", _bwd_fake)
+    torch.library.register_autograd("dasam3::lowrank_moe_fwd", _backward, setup_context=_setup_context)
 
 
 def lowrank_moe(

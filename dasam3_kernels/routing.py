@@ -16,14 +16,15 @@ def expand_context_bias(ctx_bias: torch.Tensor, num_tokens: int) -> torch.Tensor
 
     ctx_bias: [R, E] with R dividing T; token t uses row t // (T // R).  Returns [T, E].
     """
-    rows = ctx_bias.shape[0]
-    if rows == num_tokens:
-        return ctx_bias
-    if rows == 0 or num_tokens % rows:
-        raise ValueError(
-            f"context bias rows must divide the number of tokens {num_tokens}, got {rows}"
-        )
-    return ctx_bias.repeat_interleave(num_tokens // rows, dim=0)
+    rows = check_context_rows(ctx_bias.shape[0], num_tokens)
+    return ctx_bias if rows == num_tokens else ctx_bias.repeat_interleave(num_tokens // rows, dim=0)
+
+
+def check_context_rows(rows: int, num_tokens: int) -> int:
+    """ValueError unless `rows` per-sample context rows divide `num_tokens` (or equal it); returns rows."""
+    if rows != num_tokens and (rows == 0 or num_tokens % rows):
+        raise ValueError(f"context bias rows must divide the number of tokens {num_tokens}, got {rows}")
+    return rows
 
 
 def router_logits(

@@ -32,18 +32,18 @@ def _chunks(num_tokens: int, d_ff: int, device: torch.device) -> list[slice]:
     return [slice(start, min(start + size, num_tokens)) for start in range(0, num_tokens, max(size, 1))]
 
 
-def _stack_down(A: torch.Tensor | None) -> torch.Tensor | None:
+def stack_down(A: torch.Tensor | None) -> torch.Tensor | None:
     """[E, r, n] → [E·r, n]: all experts' down-projections as one matrix."""
     return None if A is None else A.reshape(-1, A.shape[-1])
 
 
-def _stack_up(B: torch.Tensor | None) -> torch.Tensor | None:
+def stack_up(B: torch.Tensor | None) -> torch.Tensor | None:
     """[E, n, r] → [n, E·r]: all experts' up-projections side by side."""
     return None if B is None else B.permute(1, 0, 2).reshape(B.shape[1], -1)
 
 
-def _unstack_up(grad: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Inverse of `_stack_up` for gradients: [n, E·r] → [E, n, r]."""
+def unstack_up(grad: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Inverse of `stack_up` for gradients: [n, E·r] → [E, n, r]."""
     return grad.view(grad.shape[0], num_experts, -1).permute(1, 0, 2).contiguous()
 
 
@@ -54,7 +54,7 @@ def _segment_masks(indices: torch.Tensor, num_experts: int, rank: int, dtype: to
 
 
 def _stacked_factors(A1, B1, A2, B2):
-    return _stack_down(A1), _stack_up(B1), _stack_down(A2), _stack_up(B2)
+    return stack_down(A1), stack_up(B1), stack_down(A2), stack_up(B2)
 
 
 def _num_experts(A1, A2) -> int:
@@ -163,16 +163,28 @@ class _LowRankMoE(torch.autograd.Function):
             grad_x,
             None,
             grad_p.to(weights.dtype) if need[2] else None,
-            grad_pre.t() @ x if need[3] else None,
-            grad_pre.sum(0) if need[4] else None,
-            g.t() @ mixed if need[5] else None,
-            (g * p.sum(-1, keepdim=True)).sum(0) if need[6] else None,
+            *frozen_ffn_grads(need, x, g, weights, grad_pre, mixed, b2),
             (grad_U.t() @ x).view_as(A1) if A1 is not None and need[7] else None,
-            _unstack_up(grad_B1s, num_experts) if A1 is not None and need[8] else None,
+            unstack_up(grad_B1s, num_experts) if A1 is not None and need[8] else None,
             grad_A2s.view_as(A2) if A2 is not None and need[9] else None,
-            _unstack_up(scale * (g.t() @ V), num_experts) if A2 is not None and need[10] else None,
+            unstack_up(scale * (g.t() @ V), num_experts) if A2 is not None and need[10] else None,
             None, None, None, None,
         )
+
+
+def frozen_ffn_grads(need: tuple[bool, ...], x: torch.Tensor, grad_y: torch.Tensor, weights: torch.Tensor,
+                     grad_pre: torch.Tensor | None, mixed: torch.Tensor | None, fc2_bias: torch.Tensor | None):
+    """Gradients of W1, b1, W2, b2 for whoever unfreezes the FFN (`need`: the op's needs_input_grad, its
+    inputs ordered x, indices, weights, W1, b1, W2, b2, ...): plain GEMMs on what the backward has.
+
+    grad_pre: dL/d(x W1ᵀ + b1) [T, F]; mixed: Σ_j p_j h_j [T, F]; y holds Σ_j p_j b2.
+    """
+    return (
+        grad_pre.t() @ x if need[3] else None,
+        grad_pre.sum(0) if need[4] else None,
+        grad_y.t() @ mixed if need[5] else None,
+        (grad_y * weights.sum(-1, keepdim=True).to(grad_y.dtype)).sum(0).to(fc2_bias.dtype) if need[6] else None,
+    )
 
 
 def lowrank_moe(

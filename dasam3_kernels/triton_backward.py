@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .torch_path import _stack_down, _stack_up
+from .torch_path import stack_down, stack_up
 from .triton_common import (INTERPRET, activation_and_grad, autotuned, block, factor_offsets, kernel_dtypes,
                             load_slot, load_stacked, load_tile, lora_expand, pick_kernel, stacked_width)
 
@@ -199,8 +199,8 @@ def up_projection_backward(grad_y: torch.Tensor, x: torch.Tensor, indices: torch
         "db1": new(split_t, E, F, R, **opts) if fc1_A is not None else unused,
     }
     # The stacked shrinks u = x A1ᵀ and g B2 are [T, E·r]: one small GEMM each, not one per F tile.
-    u = x @ _stack_down(fc1_A).t() if fc1_A is not None else unused[0, 0]
-    gb2 = grad_y @ _stack_up(fc2_B) if fc2_A is not None else unused[0, 0]
+    u = x @ stack_down(fc1_A).t() if fc1_A is not None else unused[0, 0]
+    gb2 = grad_y @ stack_up(fc2_B) if fc2_A is not None else unused[0, 0]
     b1, a2 = (t if t is not None else unused[0] for t in (fc1_B, fc2_A))
     if T > 0:
         dot, acc = kernel_dtypes(x.dtype)

@@ -67,16 +67,16 @@ _tuned = autotuned(_down_projection_kernel, _GPU_CONFIGS, key=["N", "K", "ER"])
 
 def down_projection(inner: torch.Tensor, weight_kn: torch.Tensor, mid: torch.Tensor | None = None,
                     factor: torch.Tensor | None = None, scale: float = 1.0, bias: torch.Tensor | None = None,
-                    weights: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                    weights: torch.Tensor | None = None) -> torch.Tensor:
     """`inner @ weight_kn + scale · mid @ stack(factor) + weights.sum(-1)[:, None] · bias`.
 
     inner: [T, K]; weight_kn: [K, N] (any strides, e.g. `W2.t()`); mid: [T, E·r] (fp32);
     factor: [E, r, N] (any strides, e.g. `B2.transpose(1, 2)`); bias: [N]; weights: [T, k].
-    Returns [T, N] in `out_dtype` (default inner's dtype).
+    Returns [T, N] in inner's dtype.
     """
     T, K = inner.shape
     N = weight_kn.shape[1]
-    out = torch.empty(T, N, device=inner.device, dtype=out_dtype or inner.dtype)
+    out = torch.empty(T, N, device=inner.device, dtype=inner.dtype)
     if T == 0 or N == 0:
         return out
     has_lora = mid is not None

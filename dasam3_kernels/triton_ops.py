@@ -30,7 +30,9 @@ import torch
 from torch import Tensor
 
 from .activations import check_activation
+from .routing import check_context_rows
 from .triton_backward import up_projection_backward
+from .torch_path import frozen_ffn_grads, unstack_up
 from .triton_common import device_error
 from .triton_down_proj import down_projection
 from .triton_router import route_backward, route_forward
@@ -115,9 +117,7 @@ def route(x: Tensor, weight: Tensor, bias: Tensor | None, ctx_bias: Tensor | Non
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
     if ctx_bias is not None:
-        rows = ctx_bias.shape[0]
-        if rows != num_tokens and (rows == 0 or num_tokens % rows):
-            raise ValueError(f"context bias rows must divide the number of tokens {num_tokens}, got {rows}")
+        check_context_rows(ctx_bias.shape[0], num_tokens)
     weights, probs, indices = _route_op(x, weight, bias, ctx_bias, top_k)
     return indices, weights, probs
 
@@ -168,9 +168,7 @@ def _lowrank_moe_backward_op(
         grad_B1 = grads.grad_fc1_B.to(fc1_B.dtype)
     if fc2_A is not None:
         grad_A2 = grads.grad_fc2_A.to(fc2_A.dtype)
-        E, D, R = fc2_B.shape
-        stacked = scale * (grad_y.to(acc).t() @ lora_mid)  # [D, E·r]
-        grad_B2 = stacked.view(D, E, R).permute(1, 0, 2).contiguous().to(fc2_B.dtype)
+        grad_B2 = unstack_up(scale * (grad_y.to(acc).t() @ lora_mid), fc2_B.shape[0]).to(fc2_B.dtype)
     return grad_x, grad_weights.to(weights.dtype), grad_A1, grad_B1, grad_A2, grad_B2, grads.grad_pre
 
 
@@ -200,13 +198,9 @@ def _lowrank_moe_autograd_backward(ctx, grad_y, _grad_mixed, _grad_lora_mid):
     grad_x, grad_weights, grad_A1, grad_B1, grad_A2, grad_B2, grad_pre = torch.ops.dasam3.triton_lowrank_moe_backward(
         grad_y, x, indices, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc1_A, fc1_B, fc2_A, fc2_B, lora_mid,
         *ctx.config, need[0])
-    # Frozen FFN weights normally; if unfrozen, their gradients are plain GEMMs on what is at hand.
-    grad_W1 = grad_pre.t() @ x if need[3] else None
-    grad_b1 = grad_pre.sum(0) if need[4] else None
-    grad_W2 = grad_y.t() @ mixed if need[5] else None
-    grad_b2 = (grad_y * weights.sum(-1, keepdim=True).to(grad_y.dtype)).sum(0) if need[6] else None
     pick = lambda grad, i: grad if need[i] else None  # noqa: E731
-    return (pick(grad_x, 0), None, pick(grad_weights, 2), grad_W1, grad_b1, grad_W2, grad_b2, pick(grad_A1, 7),
+    return (pick(grad_x, 0), None, pick(grad_weights, 2),
+            *frozen_ffn_grads(need, x, grad_y, weights, grad_pre, mixed, fc2_bias), pick(grad_A1, 7),
             pick(grad_B1, 8), pick(grad_A2, 9), pick(grad_B2, 10), None, None, None)
 
 

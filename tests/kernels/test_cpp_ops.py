@@ -182,7 +182,7 @@ def test_missing_extension_says_how_to_build(monkeypatch, tmp_path):
     monkeypatch.setattr(cpp_ops, "_PACKAGE_DIR", tmp_path)
     monkeypatch.setattr(cpp_ops, "cpu_variant", cpp_ops.cpu_variant.__wrapped__)
     monkeypatch.setattr(cpp_ops, "load_cuda", cpp_ops.load_cuda.__wrapped__)
-    backends.load_backend.cache_clear()
+    backends._load_or_error.cache_clear()
     try:
         for name in ("cpu", "cuda"):
             with pytest.raises(RuntimeError, match=rf"backend '{name}' is not available: .*not built.*"
@@ -193,4 +193,4 @@ def test_missing_extension_says_how_to_build(monkeypatch, tmp_path):
         assert resolve_backend("auto", torch.device("cpu")).name == "torch"
         assert DAMoE(8, 16)(torch.randn(3, 8)).shape == (3, 8)
     finally:
-        backends.load_backend.cache_clear()
+        backends._load_or_error.cache_clear()

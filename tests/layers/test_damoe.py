@@ -378,19 +378,25 @@ def loaders(monkeypatch):
     """The backend loaders, patchable; the load cache is cleared before and after."""
     from dasam3_kernels import backends
 
-    backends.load_backend.cache_clear()
+    backends._load_or_error.cache_clear()
     yield lambda name, loader: monkeypatch.setitem(backends._LOADERS, name, loader)
-    backends.load_backend.cache_clear()
+    backends._load_or_error.cache_clear()
 
 
 def test_unavailable_named_backend_is_a_runtime_error_and_auto_never_raises(loaders):
+    attempts = []
+
     def missing():
+        attempts.append(1)
         raise RuntimeError("backend 'cpu' is not available: the extension is not built (how to build it)")
 
     loaders("cpu", missing)
     with pytest.raises(RuntimeError, match="not available.*build"):
         DAMoE(16, 24, backend="cpu")
-    assert DAMoE(16, 24, backend="auto")(torch.randn(3, 16)).shape == (3, 16)
+    layer = DAMoE(16, 24, backend="auto")
+    for _ in range(3):
+        assert layer(torch.randn(3, 16)).shape == (3, 16)
+    assert len(attempts) == 1  # the failed load is remembered, not retried on every forward
 
 
 def test_named_backend_on_the_wrong_device_is_a_runtime_error(loaders):
