@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from dasam3.benchmark import hardware_name
 from dasam3_kernels import available_backends, load_backend
 from dasam3_kernels.activations import activation_fn
 
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     x, indices, weights, frozen, lora = make_inputs(batch, seq, d_model, d_ff, args.experts, args.top_k, args.rank)
     x, frozen, lora = x.to(device, dtype), _to(frozen, device, dtype), _to(lora, device, dtype)
     indices, weights = indices.to(device), weights.to(device)
-    where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    where = hardware_name(device) + (f", {torch.get_num_threads()} threads" if device.type == "cpu" else "")
     print(f"x [{batch}, {seq}, {d_model}] (T = {batch * seq}), F = {d_ff}, E = {args.experts}, k = {args.top_k}, "
           f"r = {args.rank}, {args.dtype}, {where}, median of {args.repeats}")
     print(f"{'step':<9} {'act':<5} {'dense ms':>9} " + " ".join(f"{b + ' ms':>9} {'ratio':>6}" for b in backends)

@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
+from dasam3.benchmark import hardware_name
+from dasam3.io import write_text
 from dasam3.layers import DAMoE
-from dasam3_kernels import available_backends, load_backend, routing
+from dasam3_kernels import available_backends, load_backend, resolve_backend, routing
 from dasam3_kernels.activations import activation_fn
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -134,14 +135,9 @@ def _layer_variants(args, activation, x, grad_out) -> dict:
             continue
         leaves = [x, *(p for p in layer.parameters() if p.requires_grad)]
         results[name] = _timed(lambda layer=layer: layer(x), leaves, grad_out, module=layer)
-        results[name]["backend"] = layer.backend if backend != "auto" else _resolved(x.device, expert_type)
+        results[name]["backend"] = layer.backend if backend != "auto" else \
+            resolve_backend("auto", x.device, full_experts=expert_type == "full").name
     return results
-
-
-def _resolved(device, expert_type: str) -> str:
-    from dasam3_kernels import resolve_backend
-
-    return resolve_backend("auto", device, full_experts=expert_type == "full").name
 
 
 def _op_variants(args, activation, x, grad_out) -> dict:
@@ -199,13 +195,6 @@ def _autotuned_configs() -> dict:
     return configs
 
 
-def _write_atomically(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.out.exists():
@@ -222,7 +211,7 @@ def main(argv=None) -> int:
     grad_out = torch.randn(args.tokens, args.d_model, device=device, dtype=dtype, generator=gen)
     started = time.time()
     payload = {
-        "hardware": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke test)",
+        "hardware": hardware_name(device) + ("" if device.type == "cuda" else " (smoke test)"),
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
                      "python": sys.version.split()[0]},
         "shape": {"tokens": args.tokens, "d_model": args.d_model, "d_ff": args.d_ff, "experts": args.experts,
@@ -239,7 +228,7 @@ def main(argv=None) -> int:
                                           "ratios": _ratios({"layers": layers, "ops": ops})}
         payload["autotuned_configs"] = _autotuned_configs()
         payload["benchmark_seconds"] = round(time.time() - started, 1)
-        _write_atomically(args.out, payload)
+        write_text(args.out, json.dumps(payload, indent=2) + "\n")
         if os.environ.get("OUT"):
             shutil.copy(args.out, Path(os.environ["OUT"]) / args.out.name)
         print(json.dumps({activation: payload["results"][activation]["ratios"]}, indent=2))

@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dasam3.benchmark import hardware_name  # noqa: E402
 from dasam3.data import load_dataset  # noqa: E402
 from dasam3.experiments import evaluate  # noqa: E402
 from dasam3.models import DASAM3, DASAM3Config  # noqa: E402
@@ -64,7 +65,7 @@ def main() -> int:
         resumed = DASAM3.from_pretrained(Path(run_dir) / "checkpoints" / "last", map_location=args.device)
     result = evaluate(resumed, test_set, torch.device(args.device))
     report = {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else args.device,
+        "device": hardware_name(args.device),
         "torch": torch.__version__, "sam3": "pretrained" if "pretrained" in options else "toy config",
         "steps": train_config.total_steps, "median_step_ms": trainer.median_step_ms,
         "seconds": time.perf_counter() - started, "mean_dice": result.mean()["dice"],

@@ -2,32 +2,27 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-from typing import Callable
-
+import torch
 from torch import nn
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call `write(temp_path)` on a temporary file beside `path`, then rename it onto `path`.
-
-    A crash leaves either the old file or the new one, never a half-written one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temp)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
+def resolve_device(name: str) -> torch.device:
+    """ "auto" → the GPU when there is one, else the CPU; any other name as torch reads it ("cuda:1")."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def factory_of(module: nn.Module) -> dict:
     """`device` and `dtype` keywords matching the module's first parameter (for modules added beside it)."""
     param = next(module.parameters())
     return {"device": param.device, "dtype": param.dtype}
+
+
+def masked_mean(values: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """values [B, S, D], valid [B, S] (nonzero = a real token) or None (all are) → [B, D]: the mean of each
+    row's valid tokens (zeros for a row with none)."""
+    if valid is None:
+        return values.mean(dim=1)
+    weights = valid.to(values.dtype).unsqueeze(-1)
+    return (values * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)

@@ -1,9 +1,9 @@
 """DA-MoE adapters on their own: the trained tensors without the frozen weights they adapt.
 
 An adapter file is a safetensors file holding the tensors the paper trains (lora factors or full
-experts, routers, concept contexts, LayerNorms: `dasam3.layers.trainable_parameters(model, "warmup")`,
-plus what a model declares in its own `trainable_parameters`), keyed by their names in the model, with
-a small JSON config in the file's metadata (the format and the DA-MoE layers' hyper-parameters).
+experts, routers, concept contexts, LayerNorms, the Concat baseline's projections:
+`dasam3.layers.trainable_parameters(model, "warmup")`), keyed by their names in the model, with a small
+JSON config in the file's metadata (the format and the DA-MoE layers' hyper-parameters).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dasam3._common import atomic_write
+from dasam3.io import atomic_output
 from dasam3.layers.damoe import DAMoE
 from dasam3.layers.training import trainable_parameters
 
@@ -29,9 +29,7 @@ _LAYER_FIELDS = ("d_model", "d_ff", "num_experts", "top_k", "rank", "alpha", "ac
 
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors of `model` by name (what `save_adapter` writes)."""
-    own = getattr(model, "trainable_parameters", None)
-    chosen = own("warmup") if callable(own) else trainable_parameters(model, "warmup")
-    wanted = {id(p) for p in chosen}
+    wanted = {id(p) for p in trainable_parameters(model, "warmup")}
     return {name: p for name, p in model.named_parameters() if id(p) in wanted}
 
 
@@ -59,7 +57,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, overwrite: bool =
                          "LayerNorm)")
     config = {"format": FORMAT, "version": FORMAT_VERSION, "model": type(model).__name__,
               "layers": _layer_configs(model)}
-    atomic_write(path, lambda temp: save_file(tensors, temp, metadata={_METADATA_KEY: json.dumps(config)}))
+    with atomic_output(path) as temporary:
+        save_file(tensors, str(temporary), metadata={_METADATA_KEY: json.dumps(config)})
     return path
 
 

@@ -8,8 +8,8 @@ import torch
 
 from dasam3.adapters import save_adapter
 from dasam3.data import load_dataset
-from dasam3.evaluation import predict_volume
-from dasam3.experiments import FROZEN, Budget, VariantResult, results_table, routing_shares, run_experiment, segmenter
+from dasam3.evaluation import model_segmenter, predict_volume
+from dasam3.experiments import FROZEN, Budget, VariantResult, results_table, routing_shares, run_experiment
 from dasam3.figures import overlay_figure, routing_figure
 from dasam3.models import DASAM3Config
 
@@ -64,7 +64,7 @@ def _figures(results: list[VariantResult], test_set, out: Path, device: torch.de
     predictions = {}
     for result in results:
         config = result.model.config
-        predictions[result.variant] = predict_volume(volume.image, segmenter(result.model, classes, device),
+        predictions[result.variant] = predict_volume(volume.image, model_segmenter(result.model, classes, device),
                                                      image_size=config.image_size, channels=config.in_channels)
     overlay_figure(volume.image, volume.label, predictions, classes, out / "overlay.png",
                    title="MNI152 held-out slab: gray and white matter")

@@ -32,10 +32,20 @@ import torch
 from .data.base import Volume
 from .data.transforms import resize_images, resize_labels
 from .io import check_can_write, write_text
-from .metrics import score_pair
+from .metrics import PROTOCOLS, score_pair
 
 Segmenter = Callable[[torch.Tensor], torch.Tensor]
-PROTOCOLS = {"mm": "strict", "transunet": "transunet"}  # protocol → empty-mask rule
+
+
+def model_segmenter(model, concepts: Sequence[str], device: str | torch.device) -> Segmenter:
+    """A model's `predict_labels(images, concepts)` as a segmenter: images [B, C, S, S] → labels
+    [B, S, S] (0 background, i = concepts[i-1]), CPU tensors in and out."""
+    concepts = list(concepts)
+
+    def segment(images: torch.Tensor) -> torch.Tensor:
+        return model.predict_labels(images.to(device), concepts).cpu()
+
+    return segment
 
 
 def _check_protocol(protocol: str) -> str:

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from dasam3.data import SliceDataset
-from dasam3.evaluation import EvaluationResult, comparison_table, evaluate_volumes
+from dasam3.evaluation import EvaluationResult, comparison_table, evaluate_volumes, model_segmenter
 from dasam3.layers import DAMoE
 from dasam3.models import DASAM3, DASAM3Config
 from dasam3.training import StageConfig, TrainConfig, Trainer
@@ -62,19 +62,9 @@ class VariantResult:
                 "step_ms": self.step_ms, "seconds": self.seconds}
 
 
-def segmenter(model: DASAM3, concepts: Sequence[str], device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """images [B, C, S, S] → labels [B, S, S] (0 background, i = concepts[i-1]), on the CPU."""
-    concepts = list(concepts)
-
-    def segment(images: torch.Tensor) -> torch.Tensor:
-        return model.predict_labels(images.to(device), concepts).cpu()
-
-    return segment
-
-
 def evaluate(model: DASAM3, test_set: SliceDataset, device: torch.device, batch_size: int = 8) -> EvaluationResult:
     """DSC and HD95 (mm) per class in 3-D on the test volumes, prompting with the class names."""
-    return evaluate_volumes(test_set.volumes(), segmenter(model, test_set.classes, device), test_set.classes,
+    return evaluate_volumes(test_set.volumes(), model_segmenter(model, test_set.classes, device), test_set.classes,
                             image_size=model.config.image_size, channels=model.config.in_channels,
                             batch_size=batch_size, protocol="mm")
 

@@ -7,6 +7,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from .io import atomic_output
+
 # One colour per class label (1, 2, ...), as RGB in [0, 1].
 CLASS_COLOURS = np.array([[0.95, 0.35, 0.25], [0.25, 0.6, 1.0], [0.3, 0.85, 0.35], [0.95, 0.8, 0.2],
                           [0.75, 0.4, 0.9], [0.2, 0.85, 0.85], [1.0, 0.55, 0.75], [0.6, 0.6, 0.6]])
@@ -91,10 +93,7 @@ def routing_figure(shares: Mapping[str, Mapping[str, Sequence[float]]], path: st
 def _save(fig, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(staging, dpi=110)
+    with atomic_output(path) as staging:
+        fig.savefig(staging, dpi=110)
     plt.close(fig)
-    staging.replace(path)
-    return path
+    return Path(path)

@@ -24,6 +24,11 @@ import numpy as np
 
 Plane = Literal["axial", "native"]
 PLANES: tuple[str, ...] = ("axial", "native")
+# Intensity settings shared by the loaders and `dasam3 predict` (re-exported by `dasam3.data.transforms`;
+# kept here so the commands can use them without importing torch).
+Modality = Literal["ct", "mri"]
+MODALITIES: tuple[str, ...] = ("mri", "ct")
+CT_WINDOW: tuple[float, float] = (-125.0, 275.0)  # Hounsfield units, TransUNet's abdominal window
 
 # Axis codes of the slice layout [S, H, W]: index grows toward Superior, Posterior, Left.
 SLICE_AXCODES = ("S", "P", "L")
@@ -95,6 +100,16 @@ def require_3d(shape: Sequence[int], path: str | os.PathLike) -> tuple[int, int,
     return shape
 
 
+def read_volume(path: str | os.PathLike):
+    """Open a 3-D NIfTI file and read its voxels: (data [X, Y, Z] in the file's voxel order, image).
+
+    A trailing singleton 4th axis is dropped; errors (missing, unreadable, not 3-D) name the file.
+    """
+    image = load_nifti(path)
+    shape = require_3d(image.shape, path)
+    return read_array(image, path).reshape(shape), image
+
+
 @dataclass(frozen=True)
 class SliceLayout:
     """The map between a file's voxel array `[X, Y, Z]` and the slice layout `[S, H, W]`.
@@ -145,9 +160,7 @@ def read_nifti_slices(path: str | os.PathLike, plane: Plane = "axial"):
     Returns (data [S, H, W], layout, image) where `image` is the opened nibabel image (its affine and
     header are what a prediction is written back with).
     """
-    image = load_nifti(path)
-    require_3d(image.shape, path)
-    data = read_array(image, path).reshape(image.shape[:3])
+    data, image = read_volume(path)
     layout = SliceLayout.from_affine(image.affine, plane)
     return layout.to_slices(data), layout, image
 

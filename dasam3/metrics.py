@@ -32,6 +32,8 @@ import numpy as np
 
 Rule = Literal["strict", "transunet"]
 RULES: tuple[str, ...] = ("strict", "transunet")
+# Evaluation protocol (`dasam3 evaluate --protocol`, `dasam3.evaluation`) → empty-mask rule.
+PROTOCOLS: dict[str, Rule] = {"mm": "strict", "transunet": "transunet"}
 
 
 def _as_bool(mask, name: str) -> np.ndarray:
@@ -90,13 +92,10 @@ def _crop_to_union(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.nda
     return pred[box], gt[box]
 
 
-def surface_distances(pred, gt, spacing=None, connectivity: int = 1) -> np.ndarray:
-    """Distances from every surface voxel of `pred` to the nearest surface voxel of `gt`.
-
-    pred, gt: non-empty binary [H, W] or [D, H, W]; spacing: voxel size per axis (mm). Returns a 1-D
-    array with one distance per surface voxel of pred.
-    """
-    from scipy.ndimage import distance_transform_edt, generate_binary_structure
+def _surfaces(pred, gt, spacing, connectivity: int):
+    """Check a pair of non-empty masks once: (pred surface, gt surface, sampling), cropped to the
+    union's bounding box plus one voxel."""
+    from scipy.ndimage import generate_binary_structure
 
     pred, gt = _check_pair(pred, gt)
     sampling = _spacing(spacing, pred.ndim)
@@ -105,8 +104,24 @@ def surface_distances(pred, gt, spacing=None, connectivity: int = 1) -> np.ndarr
             raise ValueError(f"{name} is empty: surface distances need a non-empty mask")
     pred, gt = _crop_to_union(pred, gt)
     structure = generate_binary_structure(pred.ndim, connectivity)
-    gt_distance = distance_transform_edt(~_surface(gt, structure), sampling=sampling)
-    return gt_distance[_surface(pred, structure)]
+    return _surface(pred, structure), _surface(gt, structure), sampling
+
+
+def _distances(from_surface: np.ndarray, to_surface: np.ndarray, sampling: np.ndarray) -> np.ndarray:
+    """The distance from each voxel of `from_surface` to the nearest voxel of `to_surface`."""
+    from scipy.ndimage import distance_transform_edt
+
+    return distance_transform_edt(~to_surface, sampling=sampling)[from_surface]
+
+
+def surface_distances(pred, gt, spacing=None, connectivity: int = 1) -> np.ndarray:
+    """Distances from every surface voxel of `pred` to the nearest surface voxel of `gt`.
+
+    pred, gt: non-empty binary [H, W] or [D, H, W]; spacing: voxel size per axis (mm). Returns a 1-D
+    array with one distance per surface voxel of pred.
+    """
+    pred_surface, gt_surface, sampling = _surfaces(pred, gt, spacing, connectivity)
+    return _distances(pred_surface, gt_surface, sampling)
 
 
 def hd95(pred, gt, spacing=None, connectivity: int = 1) -> float:
@@ -115,9 +130,10 @@ def hd95(pred, gt, spacing=None, connectivity: int = 1) -> float:
     pred, gt: non-empty binary [H, W] or [D, H, W]; spacing: one number or one per axis. Raises
     ValueError when either mask is empty (see the module docstring for per-case policies).
     """
+    pred_surface, gt_surface, sampling = _surfaces(pred, gt, spacing, connectivity)
     pooled = np.concatenate([
-        surface_distances(pred, gt, spacing, connectivity),
-        surface_distances(gt, pred, spacing, connectivity),
+        _distances(pred_surface, gt_surface, sampling),
+        _distances(gt_surface, pred_surface, sampling),
     ])
     return float(np.percentile(pooled, 95))
 

@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import shutil
 from pathlib import Path
 
-import torch
-
+from dasam3._common import resolve_device
+from dasam3.commands import clear_output
 from dasam3.experiments import FROZEN
 
 TABLE2_VARIANTS = (FROZEN, "concat", "lora", "standard-moe", "wo-der", "wo-dpe", "da-sam3")
@@ -47,10 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from dasam3.demo import FULL, GENERIC_CONCEPT, QUICK, demo_model_config
     from dasam3.experiments import results_table, run_experiment
 
-    if args.out.exists() and any(args.out.iterdir()):
-        if not args.overwrite:
-            raise SystemExit(f"dasam3 ablate: {args.out} is not empty; pass --overwrite to replace it")
-        shutil.rmtree(args.out)
+    clear_output(args.out, args.overwrite, "ablate")
     if args.base is None and args.dataset != "mni152":
         raise SystemExit("dasam3 ablate: on a real dataset pass the base model with --base CHECKPOINT")
     preset = QUICK if args.quick else FULL
@@ -58,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
                                    ("pretrain_steps", args.pretrain_steps), ("batch_size", args.batch_size))
                  if v is not None}
     budget = replace(preset["budget"], **overrides)
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     size = preset["image_size"] if args.base is None else None
     options = {"image_size": size} if size else {}
     train_set = load_dataset(args.dataset, args.data_root, "train", augment=True, seed=args.seed, **options)

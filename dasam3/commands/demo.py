@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from pathlib import Path
 
-import torch
+from dasam3._common import resolve_device
+from dasam3.commands import clear_output
 
 QUICK_SECONDS = 90  # what --quick promises on 2 CPU cores
 
@@ -35,11 +35,8 @@ def run(args: argparse.Namespace) -> int:
     from dasam3.demo import run_demo
 
     out = args.out
-    if out.exists() and any(out.iterdir()):
-        if not args.overwrite:
-            raise SystemExit(f"dasam3 demo: {out} is not empty; pass --overwrite to replace it, or choose --out")
-        shutil.rmtree(out)
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    clear_output(out, args.overwrite, "demo")
+    device = resolve_device(args.device)
     started = time.perf_counter()
     summary = run_demo(out, quick=args.quick, seed=args.seed, device=device)
     summary["seconds"] = round(time.perf_counter() - started, 1)

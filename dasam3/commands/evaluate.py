@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import (DataError, check_can_write, is_nifti, load_nifti, nifti_stem, read_array,
-                  require_3d)
+from ..io import DataError, check_can_write, is_nifti, nifti_stem, read_volume
+from ..metrics import PROTOCOLS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="whose voxel sizes give HD95 in mm (none: voxel units)")
     parser.add_argument("--labels", default=None,
                         help="comma-separated labels to score (default: all non-zero gt labels)")
-    parser.add_argument("--protocol", choices=("mm", "transunet"), default="mm",
+    parser.add_argument("--protocol", choices=tuple(PROTOCOLS), default="mm",
                         help="empty-mask rule and units: strict in mm, or TransUNet's in voxels")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: --pred)")
     parser.add_argument("--method", default="model", help="row name in the Markdown table")
@@ -42,9 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _label_volume(path: Path) -> tuple[np.ndarray, object]:
-    image = load_nifti(path)
-    shape = require_3d(image.shape, path)
-    data = read_array(image, path).reshape(shape)
+    data, image = read_volume(path)
     labels = np.rint(data).astype(np.int64)
     if not np.array_equal(labels, data):
         raise DataError(f"{path}: a label map must hold integers, found non-integer values")

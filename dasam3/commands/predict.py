@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ..io import (PLANES, DataError, check_can_write, is_nifti, load_nifti, nifti_stem,
+from ..io import (CT_WINDOW, MODALITIES, PLANES, DataError, check_can_write, is_nifti, load_nifti, nifti_stem,
                   read_nifti_slices, require_3d, save_label_map, write_text)
 
 DEFAULT_BATCH_SIZE = 8
@@ -38,9 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concept", action="append", default=None, metavar="TEXT",
                         help="a concept to segment, label i = i-th --concept (repeatable; default: "
                              "the concepts the model was trained on)")
-    parser.add_argument("--modality", choices=("mri", "ct"), default="mri",
+    parser.add_argument("--modality", choices=MODALITIES, default="mri",
                         help="intensity normalisation: mri = percentile scaling, ct = HU window")
-    parser.add_argument("--ct-window", nargs=2, type=float, default=(-125.0, 275.0),
+    parser.add_argument("--ct-window", nargs=2, type=float, default=CT_WINDOW,
                         metavar=("LOW", "HIGH"), help="HU window for --modality ct")
     parser.add_argument("--plane", choices=PLANES, default="axial",
                         help="slice along the canonical axial axis or the file's own third axis")
@@ -49,20 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
 
-def load_model(checkpoint: Path, device: str):
+def load_model(checkpoint: Path, device):
     """The only model-dependent step: a DASAM3 model with `config.image_size`, `config.in_channels`,
     `config.concepts` and `predict_labels(images [B, C, S, S], concepts) -> [B, S, S]`."""
     from ..models import DASAM3
 
     return DASAM3.from_pretrained(checkpoint, map_location=device)
-
-
-def resolve_device(name: str) -> str:
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def legend_path(output: Path) -> Path:
@@ -97,7 +89,7 @@ def check_inputs(pairs: Sequence[tuple[Path, Path]]) -> None:
 
 
 def predict_file(source: Path, output: Path, segmenter, concepts: Sequence[str], *, image_size: int,
-                 channels: int, modality: str, ct_window: Sequence[float] = (-125.0, 275.0),
+                 channels: int, modality: str, ct_window: Sequence[float] = CT_WINDOW,
                  plane: str = "axial", batch_size: int = DEFAULT_BATCH_SIZE,
                  metadata: dict | None = None) -> None:
     """Segment one NIfTI file with `segmenter` (images [B, channels, S, S] → labels [B, S, S]) and
@@ -118,17 +110,6 @@ def predict_file(source: Path, output: Path, segmenter, concepts: Sequence[str],
     write_text(legend_path(output), json.dumps(legend, indent=2) + "\n")
 
 
-def model_segmenter(model, concepts: Sequence[str], device: str):
-    """Adapt the model's `predict_labels` to the segmenter interface (CPU tensors in and out)."""
-    import torch
-
-    @torch.no_grad()
-    def segment(images):
-        return model.predict_labels(images.to(device), list(concepts)).cpu()
-
-    return segment
-
-
 def _check_concepts(concepts: Sequence[str]) -> list[str]:
     concepts = [c.strip() for c in concepts]
     if not concepts or any(not c for c in concepts):
@@ -141,6 +122,9 @@ def _check_concepts(concepts: Sequence[str]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
+
+    from .._common import resolve_device
+    from ..evaluation import model_segmenter
 
     try:
         if args.batch_size < 1:

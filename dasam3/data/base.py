@@ -25,13 +25,13 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..io import DataError, Plane, SliceLayout, load_nifti, read_array, require_3d
+from ..io import DataError, Plane, SliceLayout, load_nifti, read_volume, require_3d
 from .augment import Augmentation
 from .transforms import resize_images, resize_labels
 
@@ -132,22 +132,19 @@ class NiftiCase(Case):
     def num_slices(self) -> int:
         image = load_nifti(self.image_path)
         layout = SliceLayout.from_affine(image.affine, self.plane)
-        file_axis = int(np.flatnonzero(layout.to_layout[:, 0] == 0)[0])
+        file_axis = int(layout.from_layout[0, 0])  # the file axis that becomes slice axis 0
         return require_3d(image.shape, self.image_path)[file_axis]
 
     def load(self) -> Volume:
-        image = load_nifti(self.image_path)
-        label = load_nifti(self.label_path)
-        image_shape = require_3d(image.shape, self.image_path)
-        label_shape = require_3d(label.shape, self.label_path)
-        if image_shape != label_shape:
+        voxels, image = read_volume(self.image_path)
+        labels, _ = read_volume(self.label_path)
+        if voxels.shape != labels.shape:
             raise DataError(
-                f"{self.label_path}: label shape {label_shape} does not match the image "
-                f"{self.image_path} shape {image_shape}"
+                f"{self.label_path}: label shape {labels.shape} does not match the image "
+                f"{self.image_path} shape {voxels.shape}"
             )
+        # The label is mapped with the image's layout (its own affine is not used).
         layout = SliceLayout.from_affine(image.affine, self.plane)
-        voxels = read_array(image, self.image_path).reshape(image_shape)
-        labels = read_array(label, self.label_path).reshape(label_shape)
         return Volume(
             image=self.normalize(layout.to_slices(voxels)),
             label=self.remap(layout.to_slices(labels), self.label_path),
@@ -184,6 +181,8 @@ class SliceDataset(Dataset):
             name: (index,) for index, name in enumerate(self.classes, start=1)}
         for name, values in (extra_concepts or {}).items():
             self.concept_labels[name] = tuple(int(v) for v in values)
+        self._concepts = tuple(self.concept_labels)
+        self._mask_offset, self._mask_table = _concept_table(self.concept_labels.values())
         self.epoch = 0
         counts = [case.num_slices() for case in self.cases]
         self._index = [(c, s) for c, count in enumerate(counts) for s in range(count)]
@@ -235,16 +234,29 @@ class SliceDataset(Dataset):
         if self.augment is not None:
             rng = np.random.default_rng((self.seed, self.epoch, index))
             image, label = self.augment(image, label, rng)
-        masks = torch.stack([torch.isin(label, torch.tensor(values))
-                             for values in self.concept_labels.values()]).float()
+        # Labels outside the table's range land on a sentinel column of zeros (in no concept).
+        columns = (label - self._mask_offset).clamp_(0, self._mask_table.shape[1] - 1)
+        masks = self._mask_table[:, columns]
         return {
             "image": image.expand(self.channels, -1, -1).clone(),
             "label": label.clone(),
             "masks": masks,
-            "concepts": self.concepts,
+            "concepts": list(self._concepts),
             "case_id": self.cases[case_number].case_id,
             "slice_index": slice_index,
         }
+
+
+def _concept_table(concept_values) -> tuple[int, torch.Tensor]:
+    """(offset, table float32 [K, n]) with table[k, v - offset] = 1 iff v is one of concept k's label
+    values; the first and last columns are all zero, for labels outside the range of every concept."""
+    concept_values = [tuple(values) for values in concept_values]
+    every = [v for values in concept_values for v in values] or [0]
+    offset = min(every) - 1
+    table = torch.zeros(len(concept_values), max(every) - offset + 2, dtype=torch.float32)
+    for k, values in enumerate(concept_values):
+        table[k, [v - offset for v in values]] = 1.0
+    return offset, table
 
 
 def collate_slices(batch: Sequence[dict]) -> dict:
@@ -260,8 +272,11 @@ def collate_slices(batch: Sequence[dict]) -> dict:
     }
 
 
-def split_members(splits: Mapping[str, Sequence[str]], split: str, dataset: str) -> Sequence[str]:
-    """The case ids of `split`, or a ValueError naming the splits that exist."""
+Members = TypeVar("Members")
+
+
+def split_members(splits: Mapping[str, Members], split: str, dataset: str) -> Members:
+    """The members of `split` (its case ids, slabs, ...), or a ValueError naming the splits that exist."""
     if split not in splits:
         raise ValueError(f"{dataset} split must be one of {list(splits)}, got {split!r}")
     return splits[split]

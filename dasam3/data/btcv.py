@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Sequence
 
+from ..io import require_file
 from .base import Case, LabelRemap, NiftiCase, SliceDataset, first_existing, split_members
 from .transforms import CT_WINDOW, normalize_ct
 
@@ -43,9 +44,7 @@ def abdomen_ct_files(root: str | os.PathLike, case_id: str) -> tuple[Path, Path]
                for base in (root / "RawData" / "Training", root / "Training", root)]
     layouts.append((root / "imagesTr", root / "labelsTr"))
     image = first_existing([images / image_name for images, _ in layouts], f"CT image of case {case_id}")
-    label = dict(layouts)[image.parent] / label_name
-    if not label.is_file():
-        raise FileNotFoundError(f"label of case {case_id} not found: {label}")
+    label = require_file(dict(layouts)[image.parent] / label_name, f"label of case {case_id}")
     return image, label
 
 

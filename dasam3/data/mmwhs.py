@@ -16,6 +16,7 @@ from functools import partial
 from pathlib import Path
 from typing import Sequence
 
+from ..io import require_file
 from .base import Case, LabelRemap, NiftiCase, SliceDataset, first_existing, split_members
 from .transforms import CT_WINDOW, normalize_ct
 
@@ -38,7 +39,7 @@ def mmwhs_cases(root: str | os.PathLike, split: str = "train",
         name = f"ct_train_{case_id}"
         image = first_existing([root / "ct_train" / f"{name}_image.nii.gz",
                                 root / f"{name}_image.nii.gz"], f"MMWHS CT image {case_id}")
-        label = first_existing([image.parent / f"{name}_label.nii.gz"], f"MMWHS CT label {case_id}")
+        label = require_file(image.parent / f"{name}_label.nii.gz", f"MMWHS CT label {case_id}")
         cases.append(NiftiCase(case_id, image, label, normalize, MMWHS_REMAP))
     return cases
 

@@ -10,7 +10,7 @@ import numpy as np
 from .base import ArrayCase, Case, SliceDataset, split_members
 
 SYNTHETIC_CLASSES = ("disc", "square")
-SYNTHETIC_SPLITS = {"train": "train", "test": "test"}
+SYNTHETIC_SPLITS = {"train": 0, "test": 1}  # split → seed stream
 
 
 def synthetic_volume(rng: np.random.Generator, depth: int = 8,
@@ -40,9 +40,9 @@ def synthetic_cases(split: str = "train", num_cases: int = 3, depth: int = 8, si
     stream = split_members(SYNTHETIC_SPLITS, split, "synthetic")
     cases = []
     for number in range(num_cases):
-        rng = np.random.default_rng([seed, list(SYNTHETIC_SPLITS).index(stream), number])
+        rng = np.random.default_rng([seed, stream, number])
         image, label = synthetic_volume(rng, depth, size)
-        cases.append(ArrayCase(f"synthetic_{stream}_{number:03d}", image, label, (2.0, 1.0, 1.0)))
+        cases.append(ArrayCase(f"synthetic_{split}_{number:03d}", image, label, (2.0, 1.0, 1.0)))
     return cases
 
 

@@ -6,15 +6,14 @@ was trained on.
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-Modality = Literal["ct", "mri"]
-MODALITIES: tuple[str, ...] = ("ct", "mri")
-CT_WINDOW: tuple[float, float] = (-125.0, 275.0)  # Hounsfield units, TransUNet's abdominal window
+from ..io import CT_WINDOW, MODALITIES, Modality  # noqa: F401 (re-exported; defined without torch)
+
 MRI_PERCENTILES: tuple[float, float] = (0.5, 99.5)
 
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dasam3._common import masked_mean
+
 from .base import ImageEncoder, TextEncoder
 
 _SAM3_MEAN, _SAM3_STD = 0.5, 0.5  # Sam3ImageProcessor's normalisation (IMAGENET_STANDARD_*)
@@ -114,8 +116,7 @@ class Sam3TextEncoder(TextEncoder):
         ids, mask = self.tokenizer(concepts)
         ids, mask = ids.to(device), mask.to(device)
         hidden = self.projection(self.text(input_ids=ids, attention_mask=mask).last_hidden_state)
-        weights = mask.to(hidden.dtype).unsqueeze(-1)
-        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+        return masked_mean(hidden, mask)
 
 
 class ByteTokenizer:

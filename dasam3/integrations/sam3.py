@@ -17,6 +17,7 @@ bias) are read by a pre-hook on the fusion encoder.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -24,9 +25,9 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from dasam3._common import factory_of
+from dasam3._common import factory_of, masked_mean
 from dasam3.layers.context import ConceptContext
-from dasam3.layers.damoe import DAMoE
+from dasam3.layers.damoe import DAMoE, resolve_use_context
 from dasam3.layers.patch import ContextSlot, patch_ffn, select_layers
 
 
@@ -43,7 +44,7 @@ def adapt_sam3(model: nn.Module, num_experts: int = 4, top_k: int = 2, rank: int
     At initialisation the model computes exactly what it computed before.  Returns `model`.
     """
     fusion = _find_fusion_encoder(model)
-    use_context = _resolve_use_context(use_context, damoe_kwargs.get("router", "learned"))
+    use_context = resolve_use_context(use_context, damoe_kwargs.get("router", "learned"))
     already = [i for i, layer in enumerate(fusion.layers) if any(isinstance(m, DAMoE) for m in layer.modules())]
     if already:
         raise ValueError(f"the fusion encoder's layers {already} already hold DA-MoE layers: adapt a fresh model")
@@ -63,20 +64,19 @@ def adapt_sam3(model: nn.Module, num_experts: int = 4, top_k: int = 2, rank: int
     return model
 
 
-def _resolve_use_context(use_context: bool | None, router: str) -> bool:
-    if use_context is None:
-        return router == "learned"
-    if use_context and router == "random":
-        raise ValueError("router='random' ignores the concept context: use_context must be False or None, got True")
-    return use_context
-
-
 # -- the two SAM3 implementations ----------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
+def _forward_signature(cls: type) -> inspect.Signature:
+    return inspect.signature(cls.forward)
+
+
 def _bind(module: nn.Module, args: tuple, kwargs: dict) -> dict:
-    """The arguments of a module call by parameter name."""
-    return inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+    """The arguments of a module call by parameter name (the forward's signature is looked up once per class)."""
+    if "forward" in vars(module):  # a forward set on the instance: its own signature
+        return inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+    return _forward_signature(type(module)).bind_partial(module, *args, **kwargs).arguments
 
 
 @dataclass
@@ -122,19 +122,11 @@ class _ContextFeed:
         if prompt.shape[0] not in (1, tokens.shape[0]):
             raise ValueError(f"the prompt has batch size {prompt.shape[0]} but the image tokens have "
                              f"{tokens.shape[0]}")
-        concept = _masked_mean(prompt, valid).expand(tokens.shape[0], -1)
+        concept = masked_mean(prompt, valid).expand(tokens.shape[0], -1)
         self.slot.set(layer.concept_context(concept, self.watch.grid(tokens)))
 
     def after(self, layer, args, output):
         self.slot.clear()
-
-
-def _masked_mean(prompt: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """prompt [B, S, D], valid [B, S] (True = a real token) → [B, D]."""
-    if valid is None:
-        return prompt.mean(dim=1)
-    weights = valid.to(prompt.dtype).unsqueeze(-1)
-    return (prompt * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
 
 def _hf_encoder_call(encoder, args, kwargs):
@@ -177,17 +169,13 @@ def _find_fusion_encoder(model: nn.Module) -> _FusionEncoder:
     detr = getattr(model, "detr_encoder", model)
     if type(detr).__name__ == "Sam3DetrEncoder":
         config = detr.config
-        return _fusion(detr, detr.layers, config.hidden_size, config.num_attention_heads, _hf_encoder_call,
-                       _hf_layer_call)
+        return _FusionEncoder(detr, detr.layers, config.hidden_size, config.num_attention_heads, _hf_layer_call,
+                              _EncoderWatch(_hf_encoder_call))
     meta = next((m for m in model.modules() if type(m).__name__ == "TransformerEncoderFusion"
                  and type(m).__module__.startswith("sam3.")), None)
     if meta is not None:
         first = meta.layers[0]
-        return _fusion(meta, meta.layers, first.d_model, first.self_attn.num_heads, _meta_encoder_call,
-                       _meta_layer_call)
+        return _FusionEncoder(meta, meta.layers, first.d_model, first.self_attn.num_heads, _meta_layer_call,
+                              _EncoderWatch(_meta_encoder_call))
     raise TypeError(f"adapt_sam3 expects transformers' Sam3Model / Sam3DetrEncoder or a model of the sam3 "
                     f"package holding a TransformerEncoderFusion, got {type(model).__name__}")
-
-
-def _fusion(encoder, layers, d_model, num_heads, read_encoder_call, read_layer_call) -> _FusionEncoder:
-    return _FusionEncoder(encoder, layers, d_model, num_heads, read_layer_call, _EncoderWatch(read_encoder_call))

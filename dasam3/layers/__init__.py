@@ -1,11 +1,13 @@
 """The DA-MoE layer and its companions: `from dasam3.layers import DAMoE`."""
 
-from .context import ConceptContext
+from .context import ConceptConcat, ConceptContext
 from .damoe import DAMoE, RandomRouter, Router
 from .patch import ContextSlot, PatchedFFN, hierarchical_layers, patch_ffn
-from .training import ParamReport, aux_loss, damoe_layers, mark_trainable, param_report, trainable_parameters
+from .training import (ParamReport, aux_loss, damoe_layers, freeze_all_but, mark_trainable, param_report,
+                       trainable_parameters)
 
 __all__ = [
+    "ConceptConcat",
     "ConceptContext",
     "ContextSlot",
     "DAMoE",
@@ -15,6 +17,7 @@ __all__ = [
     "Router",
     "aux_loss",
     "damoe_layers",
+    "freeze_all_but",
     "hierarchical_layers",
     "mark_trainable",
     "param_report",

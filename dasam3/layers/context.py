@@ -1,4 +1,5 @@
-"""The concept context that feeds the Dynamic Expert Router its per-image global signal."""
+"""The concept signals of the fusion layers: the ConceptContext that feeds the Dynamic Expert Router its
+per-image global signal, and the "Concat" baseline's ConceptConcat."""
 
 from __future__ import annotations
 
@@ -43,3 +44,19 @@ class ConceptContext(nn.Module):
         query = self.query_proj(concept).unsqueeze(1)  # [B, 1, D]
         attended, _ = self.attn(query, keys, keys, need_weights=False)
         return torch.cat([attended.squeeze(1), concept.detach()], dim=-1)
+
+
+class ConceptConcat(nn.Module):
+    """The "Concat" baseline: `Linear([x ; e_c])`, initialised to the identity on x (zeros on e_c)."""
+
+    def __init__(self, d_model: int, text_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(d_model + text_dim, d_model)
+        with torch.no_grad():
+            self.proj.weight.zero_()
+            self.proj.weight[:, :d_model].copy_(torch.eye(d_model))
+            self.proj.bias.zero_()
+
+    def forward(self, x: torch.Tensor, concept: torch.Tensor) -> torch.Tensor:
+        """x: [P, S, d], concept: [P, Dt] → [P, S, d]."""
+        return self.proj(torch.cat([x, concept.unsqueeze(1).expand(-1, x.shape[1], -1)], dim=-1))

@@ -240,6 +240,18 @@ class DAMoE(nn.Module):
                 f"expert_type={self.expert_type!r}, backend={self.backend!r}")
 
 
+def resolve_use_context(use_context: bool | None, router: str) -> bool:
+    """Whether the routers read a concept context: None means yes for router="learned" and no for
+    router="random" (which ignores it); True with router="random" is an error."""
+    if router not in ROUTERS:
+        raise ValueError(f"router must be one of {ROUTERS}, got {router!r}")
+    if use_context is None:
+        return router == "learned"
+    if use_context and router == "random":
+        raise ValueError("router='random' ignores the concept context: use_context must be False or None, got True")
+    return use_context
+
+
 def _check_config(d_model, d_ff, num_experts, top_k, rank, activation, context_dim, dropout, adapt, router,
                   expert_type, backend) -> None:
     for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts)):

@@ -218,7 +218,7 @@ def find_ffn_blocks(module: nn.Module) -> list[tuple[str, nn.Module, _Layout]]:
     found: list[tuple[str, nn.Module, _Layout]] = []
     inside: list[str] = []
     for name, sub in module.named_modules():
-        if any(name.startswith(prefix + ".") for prefix in inside) or isinstance(sub, DAMoE):
+        if any(name.startswith(prefix + ".") for prefix in inside):
             continue
         layout = _layout(sub)
         if layout is not None:
@@ -286,7 +286,7 @@ def _patch_block(root: nn.Module, name: str, block: nn.Module, layout: _Layout, 
     if not name:
         raise ValueError(f"patch_ffn replaces an FFN block in its parent; it was given the block itself "
                          f"({type(block).__name__}): pass the module that contains it")
-    _check_same_function(name, block, moe)
+    _check_same_function(name, block, layout, moe)
     parent_name, _, attr = name.rpartition(".")
     setattr(root.get_submodule(parent_name), attr, moe)
     return name
@@ -309,7 +309,7 @@ def _disable_nested_tensor_paths(root: nn.Module) -> None:
             encoder.use_nested_tensor = False
 
 
-def _check_same_function(name: str, block: nn.Module, moe: PatchedFFN) -> None:
+def _check_same_function(name: str, block: nn.Module, layout: _Layout, moe: PatchedFFN) -> None:
     """Refuse a container whose forward is not fc2(act(fc1(x))): compare both on a probe input."""
     weight = moe.fc1.weight
     if weight.device.type == "meta":
@@ -330,9 +330,5 @@ def _check_same_function(name: str, block: nn.Module, moe: PatchedFFN) -> None:
     tolerance = relative * max(expected.abs().max().item(), 1.0)
     if expected.shape != got.shape or (expected - got).abs().max().item() > tolerance:
         raise ValueError(f"cannot patch {name} ({type(block).__name__}): its forward is not "
-                         f"{_describe(block)} on a probe input, so replacing it would change the model")
-
-
-def _describe(block: nn.Module) -> str:
-    layout = _layout(block)
-    return f"{layout.fc2}({layout.activation}({layout.fc1}(x)))" if layout else "fc2(act(fc1(x)))"
+                         f"{layout.fc2}({layout.activation}({layout.fc1}(x))) on a probe input, so replacing it "
+                         "would change the model")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 from torch import nn
 
-from .context import ConceptContext
+from .context import ConceptConcat, ConceptContext
 from .damoe import DAMoE, Router
 
 STAGES = ("warmup", "calibrate")
@@ -39,26 +40,37 @@ def trainable_parameters(model: nn.Module, stage: str) -> list[nn.Parameter]:
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     params: list[nn.Parameter] = []
+    concat: list[nn.Parameter] = []
     for module in model.modules():
         if isinstance(module, (Router, ConceptContext)):
             params += module.parameters()
+        elif isinstance(module, ConceptConcat):
+            concat += module.parameters()
         elif stage == "warmup" and isinstance(module, DAMoE):
             params += module.expert_parameters()
         elif stage == "warmup" and _is_layer_norm(module):
             params += module.parameters(recurse=False)
-    return list({id(p): p for p in params}.values())
+    # The Concat projections come last: this order fixes the optimizer state's indices and the grad-norm sum.
+    return list({id(p): p for p in params + concat}.values())
+
+
+def freeze_all_but(model: nn.Module, params: Iterable[nn.Parameter]) -> int:
+    """Set requires_grad on exactly those of the model's parameters that are in `params`, clear it on the
+    rest; return the trainable parameter count (elements, each shared parameter once)."""
+    keep = {id(p) for p in params}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in keep)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def mark_trainable(model: nn.Module, stage: str) -> int:
     """Freeze everything but what the paper trains in `stage`; return the trainable parameter count.
 
     "warmup": the lora factors (or full experts), the routers, the ConceptContext modules and the
-    LayerNorm parameters.  "calibrate": the routers and the ConceptContext modules only.
+    LayerNorm parameters.  "calibrate": the routers and the ConceptContext modules only.  In both, the
+    "Concat" baseline's ConceptConcat projections (its analogue of the routers).
     """
-    keep = {id(p) for p in trainable_parameters(model, stage)}
-    for param in model.parameters():
-        param.requires_grad_(id(param) in keep)
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return freeze_all_but(model, trainable_parameters(model, stage))
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dasam3.layers.damoe import resolve_use_context
 from dasam3_kernels.activations import check_activation
 from dasam3_kernels.backends import check_backend_name
 
@@ -47,16 +48,12 @@ class MoEConfig:
             self.layers = list(self.layers)
         elif self.layers not in ("hierarchical", "all"):
             raise ValueError(f"moe layers must be 'hierarchical', 'all' or 0-based indices, got {self.layers!r}")
-        if self.router not in ("learned", "random"):
-            raise ValueError(f"router must be 'learned' or 'random', got {self.router!r}")
-        if self.use_context and self.router == "random":
-            raise ValueError("router='random' ignores the concept context: use_context must be False or None, "
-                             "got True")
+        resolve_use_context(self.use_context, self.router)
         check_backend_name(self.backend)
 
     @property
     def routes_on_context(self) -> bool:
-        return self.router == "learned" if self.use_context is None else self.use_context
+        return resolve_use_context(self.use_context, self.router)
 
 
 @dataclass

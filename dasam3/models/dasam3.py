@@ -10,15 +10,16 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from dasam3._common import atomic_write, factory_of
+from dasam3._common import factory_of
 from dasam3.encoders import build_encoders
-from dasam3.layers.context import ConceptContext
+from dasam3.io import atomic_output, write_text
+from dasam3.layers.context import ConceptConcat, ConceptContext
 from dasam3.layers.damoe import DAMoE
 from dasam3.layers.patch import select_layers
-from dasam3.layers.training import STAGES, trainable_parameters
+from dasam3.layers.training import mark_trainable, trainable_parameters
 
 from .config import DASAM3Config, MoEConfig, known_fields
-from .decoder import ConceptConcat, HierarchicalFusionDecoder, MaskHead
+from .decoder import HierarchicalFusionDecoder, MaskHead
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
@@ -170,20 +171,13 @@ class DASAM3(nn.Module):
 
     def trainable_parameters(self, stage: str) -> list[nn.Parameter]:
         """What `stage` trains: `dasam3.layers.trainable_parameters` (lora factors or experts, routers,
-        contexts, LayerNorms in "warmup"; routers and contexts in "calibrate"), plus, in both stages, the
-        Concat baseline's projections (its analogue of the routers)."""
-        if stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-        params = trainable_parameters(self, stage)
-        params += [p for m in self.modules() if isinstance(m, ConceptConcat) for p in m.parameters()]
-        return list({id(p): p for p in params}.values())
+        contexts, LayerNorms in "warmup"; routers and contexts in "calibrate"; the Concat baseline's
+        projections in both)."""
+        return trainable_parameters(self, stage)
 
     def mark_trainable(self, stage: str) -> int:
         """Freeze all but `trainable_parameters(stage)`; return the trainable parameter count."""
-        keep = {id(p) for p in self.trainable_parameters(stage)}
-        for param in self.parameters():
-            param.requires_grad_(id(param) in keep)
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return mark_trainable(self, stage)
 
     # -- checkpoints ---------------------------------------------------------------------------------
 
@@ -203,8 +197,9 @@ class DASAM3(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         referenced = self._referenced_keys()
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if k not in referenced}
-        atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(state, path, metadata={"format": "pt"}))
-        atomic_write(directory / CONFIG_NAME, lambda path: Path(path).write_text(self.config.to_json()))
+        with atomic_output(directory / WEIGHTS_NAME) as temporary:
+            save_file(state, str(temporary), metadata={"format": "pt"})
+        write_text(directory / CONFIG_NAME, self.config.to_json())
         return directory
 
     @classmethod

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dasam3.layers.context import ConceptContext
+from dasam3.layers.context import ConceptConcat, ConceptContext
 from dasam3.layers.damoe import DAMoE
 from dasam3_kernels.activations import activation_fn
 
@@ -27,22 +27,6 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.dropout(activation_fn(self.activation)(self.fc1(x))))
-
-
-class ConceptConcat(nn.Module):
-    """The "Concat" baseline: `Linear([x ; e_c])`, initialised to the identity on x (zeros on e_c)."""
-
-    def __init__(self, d_model: int, text_dim: int):
-        super().__init__()
-        self.proj = nn.Linear(d_model + text_dim, d_model)
-        with torch.no_grad():
-            self.proj.weight.zero_()
-            self.proj.weight[:, :d_model].copy_(torch.eye(d_model))
-            self.proj.bias.zero_()
-
-    def forward(self, x: torch.Tensor, concept: torch.Tensor) -> torch.Tensor:
-        """x: [P, S, d], concept: [P, Dt] → [P, S, d]."""
-        return self.proj(torch.cat([x, concept.unsqueeze(1).expand(-1, x.shape[1], -1)], dim=-1))
 
 
 class FusionLayer(nn.Module):

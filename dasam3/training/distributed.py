@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from dasam3._common import resolve_device
+
 
 @dataclass(frozen=True)
 class World:
@@ -28,9 +30,7 @@ def init_world(device: str = "auto") -> tuple[World, torch.device]:
     """Join the process group `torchrun` describes in the environment, and pick this rank's device."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     world = World(int(os.environ.get("RANK", "0")), size, int(os.environ.get("LOCAL_RANK", "0")))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    target = torch.device(device)
+    target = resolve_device(device)
     if target.type == "cuda" and target.index is None:
         target = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(target)

@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from dasam3.data import SliceDataset, collate_slices
-from dasam3.layers import aux_loss
+from dasam3.io import atomic_output
+from dasam3.layers import aux_loss, freeze_all_but
 from dasam3.losses import segmentation_loss
 
 from .checkpoint import load_trainer_state, point, prune, restore_rng_state, rng_state, write_checkpoint
@@ -71,13 +72,17 @@ def warmup_cosine(total_steps: int, warmup_fraction: float):
     return factor
 
 
-def batch_dice(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Hard Dice of `sigmoid(logits) > 0.5` pooled over the batch, averaged over concepts."""
-    pred = logits.detach() > 0
-    targets = targets > 0.5
-    overlap = (pred & targets).flatten(2).sum((0, 2)).float()
-    total = (pred.flatten(2).sum((0, 2)) + targets.flatten(2).sum((0, 2))).float()
-    return (2 * overlap / total.clamp_min(1)).mean()
+def dice_counts(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per concept, |pred ∩ gt| and |pred| + |gt| over the batch, pred = `sigmoid(logits) > 0.5`.
+    logits, targets: [B, K, H, W] → two [K] counts (sum them over batches to pool)."""
+    pred, targets = logits.detach() > 0, targets > 0.5
+    overlap = (pred & targets).flatten(2).sum((0, 2))
+    return overlap, pred.flatten(2).sum((0, 2)) + targets.flatten(2).sum((0, 2))
+
+
+def pooled_dice(overlap: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Hard Dice per concept from `dice_counts`, averaged over concepts (an empty pair counts 0)."""
+    return (2 * overlap.float() / total.float().clamp_min(1)).mean()
 
 
 class Trainer:
@@ -142,9 +147,7 @@ class Trainer:
 
     def _select_trainable(self, stage: StageConfig) -> list[nn.Parameter]:
         params = stage_parameters(self.model, stage)
-        keep = {id(p) for p in params}
-        for param in self.model.parameters():
-            param.requires_grad_(id(param) in keep)
+        freeze_all_but(self.model, params)
         return params
 
     def _run_stage(self, stop_after: int | None) -> bool:
@@ -211,7 +214,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
         optimizer.step()
         scheduler.step()
-        values = torch.stack([loss.detach(), seg.detach(), aux.detach(), batch_dice(logits, targets)])
+        values = torch.stack([loss.detach(), seg.detach(), aux.detach(), pooled_dice(*dice_counts(logits, targets))])
         loss, seg, aux, dice = all_reduce_mean(values, self.world).tolist()
         return {"loss": loss, "seg_loss": seg, "aux_loss": aux, "dice": dice, "lr": scheduler.get_last_lr()[0]}
 
@@ -264,13 +267,11 @@ class Trainer:
         for batch in loader:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._amp):
                 logits = self.model(batch["image"].to(self.device), concepts)
-            pred = logits > 0
-            target = batch["masks"][:, columns].to(self.device) > 0.5
-            overlap = overlap + (pred & target).flatten(2).sum((0, 2))
-            total = total + pred.flatten(2).sum((0, 2)) + target.flatten(2).sum((0, 2))
+            batch_overlap, batch_total = dice_counts(logits, batch["masks"][:, columns].to(self.device))
+            overlap, total = overlap + batch_overlap, total + batch_total
         self.model.train()
         barrier(self.world)
-        return (2 * overlap.float() / total.float().clamp_min(1)).mean().item()
+        return pooled_dice(overlap, total).item()
 
     def _log(self, stage_index: int, stage: StageConfig, metrics: dict[str, float]) -> None:
         if not self.world.is_main:
@@ -351,9 +352,7 @@ class Trainer:
             return
         with path.open(newline="") as handle:
             rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= self.progress.global_step]
-        staging = path.with_suffix(".csv.tmp")
-        with staging.open("w", newline="") as handle:
+        with atomic_output(path) as staging, staging.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=LOG_FIELDS)
             writer.writeheader()
             writer.writerows(rows)
-        staging.replace(path)

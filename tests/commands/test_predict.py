@@ -89,7 +89,7 @@ def test_geometry_is_kept_and_labels_land_where_the_model_put_them(tmp_path, mod
 
     legend = json.loads((tmp_path / "out" / "labels.json").read_text())
     assert legend["labels"] == {"0": "background", "1": "bright", "2": "corner", "3": "top"}
-    assert model.loads == [(tmp_path / "ckpt", "cpu")]
+    assert model.loads == [(tmp_path / "ckpt", torch.device("cpu"))]
 
 
 def test_ct_window_and_channels_reach_the_model(tmp_path, model):

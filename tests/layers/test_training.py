@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from torch import nn
 
 from dasam3.layers import ConceptContext, DAMoE, mark_trainable, param_report

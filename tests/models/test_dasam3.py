@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from dasam3.encoders.builtin import ImageLayerNorm
-from dasam3.layers import ConceptContext, DAMoE, aux_loss, mark_trainable
+from dasam3.layers import ConceptConcat, ConceptContext, DAMoE, aux_loss, mark_trainable
 from dasam3.models import VARIANTS, DASAM3, DASAM3Config, MoEConfig
-from dasam3.models.decoder import ConceptConcat
 
 SIZE = 32
 
