@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import yaml
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=None, help="YAML file of training options (see above)")
@@ -39,9 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _read_options(args: argparse.Namespace) -> tuple[dict, dict | None, Path | None]:
     """(training options, model config mapping or None, base checkpoint or None)."""
-    options = yaml.safe_load(args.config.read_text()) if args.config else {}
-    if not isinstance(options, dict):
-        raise SystemExit(f"dasam3 train: {args.config} must hold a mapping of options")
+    from dasam3.training.config import read_yaml_options
+
+    try:
+        options = read_yaml_options(args.config) if args.config else {}
+    except ValueError as error:
+        raise SystemExit(f"dasam3 train: {error}") from error
     model = options.pop("model", None)
     base = options.pop("base", None)
     base = args.base or (Path(base) if base else None)

@@ -90,8 +90,14 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
         """The file's options, with `overrides` (flags given on the command line) taking precedence."""
-        values = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping of training options, got {type(values).__name__}")
+        values = read_yaml_options(path)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(values)
+
+
+def read_yaml_options(path: str | Path) -> dict[str, Any]:
+    """A YAML file of options as a dict (an empty file: none); ValueError unless it holds a mapping."""
+    values = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of training options, got {type(values).__name__}")
+    return values
