@@ -26,15 +26,18 @@ def demo_model_config(image_size: int, classes: list[str]) -> DASAM3Config:
     return DASAM3Config(image_size=image_size, in_channels=1, concepts=classes, text_encoder="minilm")
 
 
-def run_demo(out: Path, *, quick: bool = False, seed: int = 0, device: torch.device = torch.device("cpu")) -> dict:
-    """Train and score the demo's variants; write the checkpoint, figures and tables into `out`."""
+def run_demo(out: Path, *, quick: bool = False, seed: int = 0, device: torch.device = torch.device("cpu"),
+             protocol: str | None = None) -> dict:
+    """Train and score the demo's variants (under `protocol`, default the dataset's: mm); write the
+    checkpoint with its preprocessing record, figures and tables into `out`."""
     preset = QUICK if quick else FULL
     size, budget = preset["image_size"], preset["budget"]
     train_set = load_dataset("mni152", split="train", image_size=size, augment=True, seed=seed)
     test_set = load_dataset("mni152", split="test", image_size=size)
     classes = list(test_set.classes)
     results = run_experiment(demo_model_config(size, classes), VARIANTS, train_set, test_set, budget,
-                             out / "runs", base_concepts=[GENERIC_CONCEPT], device=device, seed=seed)
+                             out / "runs", base_concepts=[GENERIC_CONCEPT], device=device, seed=seed,
+                             protocol=protocol)
     table = results_table(results)
     print("\n" + table)
     (out / "results.md").write_text(table + "\n")
@@ -43,6 +46,7 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, device: torch.dev
     checkpoint = out / "checkpoint"
     adapted.model.save_pretrained(checkpoint)
     save_adapter(adapted.model, checkpoint / "adapter.safetensors")
+    train_set.preprocessing.save(checkpoint)  # `dasam3 predict` normalises and slices as in training
     _figures(results, test_set, out, device)
     by_name = {r.variant: r for r in results}
     return {
@@ -51,6 +55,8 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, device: torch.dev
         "per_concept": {name: {"dice": row["dice"], "hd95": row["hd95"]}
                         for name, row in adapted.evaluation.per_class().items()},
         "variants": [r.summary() for r in results],
+        "protocol": adapted.evaluation.protocol,
+        "hd95_unit": adapted.evaluation.hd95_unit,
         "quick": quick,
         "budget": vars(budget),
         "checkpoint": str(checkpoint),

@@ -13,7 +13,10 @@ Protocols:
   and their `calculate_metric_percase` rule.
 
 Aggregation follows TransUNet: the mean over cases per class, then the mean over classes (nan values,
-absent classes, are left out). Tables give DSC in percent and HD95 in mm (voxels for "transunet").
+absent classes, are left out). Tables give DSC in percent and HD95 in mm, or in voxels for "transunet"
+and for volumes whose spacing is unknown (TransUNet's preprocessed Synapse files store none), and name
+their protocol under the table. Synapse's columns follow TransUNet's Table 1 order (aorta, gallbladder,
+kidney L, kidney R, liver, pancreas, spleen, stomach) whatever the label ids are.
 """
 
 from __future__ import annotations
@@ -35,6 +38,21 @@ from .io import check_can_write, write_text
 from .metrics import PROTOCOLS, score_pair
 
 Segmenter = Callable[[torch.Tensor], torch.Tensor]
+
+# The protocol a dataset's published tables use (`default_protocol`); every other dataset: "mm".
+DATASET_PROTOCOLS = {"synapse": "transunet"}
+PROTOCOL_DESCRIPTIONS = {
+    "mm": "strict empty-mask rule: a class absent from both is skipped, a missed or hallucinated one "
+          "scores DSC 0 and HD95 = the image diagonal",
+    "transunet": "TransUNet/SAMed's calculate_metric_percase: a missed class scores (0, 0), one predicted "
+                 "where the ground truth has none (1, 0)",
+}
+HD95_UNITS = ("mm", "voxel")
+
+
+def default_protocol(dataset: str | None) -> str:
+    """The protocol of `dataset`'s published tables: "transunet" for synapse, else "mm"."""
+    return DATASET_PROTOCOLS.get(dataset or "", "mm")
 
 
 def model_segmenter(model, concepts: Sequence[str], device: str | torch.device) -> Segmenter:
@@ -119,13 +137,21 @@ def _json_number(value: float):
 
 
 class EvaluationResult:
-    """Per-case, per-class scores and their means (see the module docstring for the aggregation)."""
+    """Per-case, per-class scores and their means (see the module docstring for the aggregation).
 
-    def __init__(self, scores: Iterable[ClassScore], class_names: Mapping[int, str], protocol: str):
+    hd95_unit: "mm" or "voxel" (distances computed without a physical spacing); the "transunet"
+    protocol always scores in voxels.
+    """
+
+    def __init__(self, scores: Iterable[ClassScore], class_names: Mapping[int, str], protocol: str,
+                 hd95_unit: str = "mm"):
         _check_protocol(protocol)
+        if hd95_unit not in HD95_UNITS:
+            raise ValueError(f"hd95_unit must be one of {HD95_UNITS}, got {hd95_unit!r}")
         self.scores = list(scores)
         self.class_names = dict(class_names)
         self.protocol = protocol
+        self.hd95_unit = "voxel" if protocol == "transunet" else hd95_unit
 
     @property
     def case_ids(self) -> list[str]:
@@ -150,7 +176,7 @@ class EvaluationResult:
     def to_dict(self) -> dict:
         return {
             "protocol": self.protocol,
-            "hd95_unit": "mm" if self.protocol == "mm" else "voxel",
+            "hd95_unit": self.hd95_unit,
             "classes": {str(label): name for label, name in self.class_names.items()},
             "mean": {k: _json_number(v) for k, v in self.mean().items()},
             "per_class": {name: {k: _json_number(v) if k != "cases" else v for k, v in row.items()}
@@ -212,29 +238,57 @@ def _markdown(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def comparison_table(results: Mapping[str, EvaluationResult]) -> str:
-    """Markdown, one row per method (as the papers' per-organ tables): mean DSC ↑ (%), mean HD95 ↓,
-    then "DSC / HD95" per class. All results must share their classes."""
+def table_order(names: Sequence[str]) -> list[str]:
+    """The class columns in the published tables' order: TransUNet's Table 1 order for Synapse's 8
+    organs, otherwise the order given."""
+    from .data.synapse import SYNAPSE_TABLE_ORDER
+
+    return list(SYNAPSE_TABLE_ORDER) if set(names) == set(SYNAPSE_TABLE_ORDER) else list(names)
+
+
+def protocol_note(result: "EvaluationResult") -> str:
+    """One line naming the protocol and the HD95 unit, printed under every table."""
+    unit = "voxels" if result.hd95_unit == "voxel" else "mm"
+    return (f"Protocol: `{result.protocol}` ({PROTOCOL_DESCRIPTIONS[result.protocol]}); HD95 in {unit}; "
+            "means over cases per class, then over classes.")
+
+
+def _shared(results: Mapping[str, EvaluationResult]) -> EvaluationResult:
+    """The first result, after checking that all share their classes, protocol and HD95 unit."""
     if not results:
-        raise ValueError("comparison_table needs at least one result")
-    classes = list(next(iter(results.values())).class_names.values())
+        raise ValueError("a table needs at least one result")
+    first = next(iter(results.values()))
     for method, result in results.items():
-        if list(result.class_names.values()) != classes:
-            raise ValueError(f"{method}: classes {list(result.class_names.values())} differ from {classes}")
-    header = ["Method", "DSC ↑", "HD95 ↓", *[f"{name} (DSC / HD95)" for name in classes]]
+        for what in ("class_names", "protocol", "hd95_unit"):
+            if getattr(result, what) != getattr(first, what):
+                raise ValueError(f"{method}: {what} {getattr(result, what)!r} differs from {getattr(first, what)!r}")
+    return first
+
+
+def comparison_table(results: Mapping[str, EvaluationResult], trainable: Mapping[str, int] | None = None) -> str:
+    """Markdown, one row per method (as the papers' per-organ tables): [trainable parameters,] mean DSC ↑
+    (%), mean HD95 ↓, then "DSC / HD95" per class in the published column order, and the protocol line.
+    All results must share their classes, protocol and HD95 unit."""
+    first = _shared(results)
+    classes = table_order(list(first.class_names.values()))
+    unit = "voxels" if first.hd95_unit == "voxel" else "mm"
+    params = ["trainable params"] if trainable is not None else []
+    header = ["Method", *params, "DSC ↑", f"HD95 ↓ ({unit})", *[f"{name} (DSC / HD95)" for name in classes]]
     rows = []
     for method, result in results.items():
         mean, per_class = result.mean(), result.per_class()
-        rows.append([method, _cell(mean["dice"], True), _cell(mean["hd95"]),
+        count = [f"{trainable[method]:,}"] if trainable is not None else []
+        rows.append([method, *count, _cell(mean["dice"], True), _cell(mean["hd95"]),
                      *[f"{_cell(per_class[n]['dice'], True)} / {_cell(per_class[n]['hd95'])}"
                        for n in classes]])
-    return _markdown(header, rows)
+    return _markdown(header, rows) + "\n" + protocol_note(first) + "\n"
 
 
 def dataset_table(results: Mapping[str, Mapping[str, EvaluationResult]]) -> str:
     """Markdown shaped like the paper's Table 1: one row per method, DSC ↑ (%) and HD95 ↓ per dataset.
 
-    results: method → dataset → result (a missing dataset is shown as "–").
+    results: method → dataset → result (a missing dataset is shown as "–"). Each dataset's protocol
+    and HD95 unit are named under the table.
     """
     datasets = list(dict.fromkeys(d for by_dataset in results.values() for d in by_dataset))
     header = ["Method", *[f"{d} {metric}" for d in datasets for metric in ("DSC ↑", "HD95 ↓")]]
@@ -246,19 +300,26 @@ def dataset_table(results: Mapping[str, Mapping[str, EvaluationResult]]) -> str:
                                                                              "hd95": math.nan}
             row += [_cell(mean["dice"], True), _cell(mean["hd95"])]
         rows.append(row)
-    return _markdown(header, rows)
+    notes = [f"{dataset}: " + protocol_note(_shared({m: r[dataset] for m, r in results.items() if dataset in r}))
+             for dataset in datasets]
+    return _markdown(header, rows) + "\n" + "\n".join(notes) + "\n"
 
 
 def evaluate_volumes(volumes: Iterable[Volume], segmenter: Segmenter, classes: Sequence[str], *,
                      image_size: int, channels: int = 1, batch_size: int = 8, protocol: str = "mm",
                      progress: bool = False) -> EvaluationResult:
-    """Predict every volume slice by slice and score it in 3-D. classes: names of labels 1..K."""
+    """Predict every volume slice by slice and score it in 3-D. classes: names of labels 1..K.
+    HD95 is in mm unless a volume's spacing is unknown (`Volume.spacing_unit == "voxel"`)."""
     _check_protocol(protocol)
     class_names = {index: name for index, name in enumerate(classes, start=1)}
-    scores = []
+    scores, units = [], set()
     for volume in volumes:
+        units.add(volume.spacing_unit)
         pred = predict_volume(volume.image, segmenter, image_size=image_size, channels=channels,
                               batch_size=batch_size, progress=progress, description=volume.case_id)
         scores += score_volume(pred, volume.label, class_names, case_id=volume.case_id,
                                spacing=volume.spacing, protocol=protocol)
-    return EvaluationResult(scores, class_names, protocol)
+    if len(units) > 1:
+        raise ValueError("volumes with a physical spacing (mm) and without one (voxels) cannot be scored "
+                         "together: HD95 would mix units")
+    return EvaluationResult(scores, class_names, protocol, units.pop() if units else "mm")

@@ -124,15 +124,56 @@ def test_json_csv_and_markdown(tmp_path):
     assert float(rows[2]["dice"]) == pytest.approx(0.65)
     assert len(list(csv.DictReader(io.StringIO(result.cases_csv())))) == 4
     table = comparison_table({"ours": result, "baseline": _result()})
-    assert table.splitlines()[0] == "| Method | DSC ↑ | HD95 ↓ | liver (DSC / HD95) | spleen (DSC / HD95) |"
+    assert table.splitlines()[0] == ("| Method | DSC ↑ | HD95 ↓ (mm) | liver (DSC / HD95) | "
+                                     "spleen (DSC / HD95) |")
     assert table.splitlines()[2] == "| ours | 65.00 | 7.50 | 80.00 / 5.00 | 50.00 / 10.00 |"
+    assert table.splitlines()[-1].startswith("Protocol: `mm` (strict empty-mask rule")
+    assert table.splitlines()[-1].endswith("HD95 in mm; means over cases per class, then over classes.")
     wide = dataset_table({"ours": {"Synapse": result, "ACDC": result}, "baseline": {"ACDC": result}})
     assert wide.splitlines()[0] == ("| Method | Synapse DSC ↑ | Synapse HD95 ↓ | ACDC DSC ↑ | "
                                     "ACDC HD95 ↓ |")
     assert wide.splitlines()[3] == "| baseline | – | – | 65.00 | 7.50 |"
+    assert [line.split(":")[0] for line in wide.splitlines()[-2:]] == ["Synapse", "ACDC"]
 
     written = result.write(tmp_path, method="ours")
     assert sorted(p.name for p in written) == sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(FileExistsError, match="evaluation.json"):
         result.write(tmp_path)
     result.write(tmp_path, overwrite=True)
+
+
+def test_tables_name_the_protocol_and_refuse_to_mix_them():
+    table = comparison_table({"ours": _result("transunet")}, trainable={"ours": 194828})
+    assert table.splitlines()[0].startswith("| Method | trainable params | DSC ↑ | HD95 ↓ (voxels) |")
+    assert table.splitlines()[2].startswith("| ours | 194,828 | 65.00 |")
+    assert "Protocol: `transunet` (TransUNet/SAMed's calculate_metric_percase" in table
+    assert json.loads(_result("transunet").to_json())["hd95_unit"] == "voxel"
+    with pytest.raises(ValueError, match="baseline: protocol 'transunet' differs from 'mm'"):
+        comparison_table({"ours": _result(), "baseline": _result("transunet")})
+
+
+def test_synapse_columns_follow_transunets_table_order():
+    """Whatever the label ids, Synapse's organs print as TransUNet's Table 1 does."""
+    from dasam3.data.synapse import SYNAPSE_CLASSES
+    from dasam3.evaluation import ClassScore
+
+    names = dict(enumerate(SYNAPSE_CLASSES, start=1))
+    scores = [ClassScore("c", label, name, label / 10, float(label)) for label, name in names.items()]
+    header = comparison_table({"m": EvaluationResult(scores, names, "transunet")}).splitlines()[0]
+    columns = [cell.split(" (")[0] for cell in header.strip("| ").split(" | ")[3:]]
+    assert columns == ["aorta", "gallbladder", "left kidney", "right kidney", "liver", "pancreas", "spleen",
+                       "stomach"]
+    row = comparison_table({"m": EvaluationResult(scores, names, "transunet")}).splitlines()[2]
+    assert row.split(" | ")[3] == "70.00 / 7.00"  # aorta is label 7 in SAMed's ids
+
+
+def test_volumes_without_physical_spacing_report_hd95_in_voxels():
+    label, image = _label_volume()
+    unknown = Volume(image, label, (1.0, 1.0, 1.0), "h5", spacing_unit="voxel")
+    result = evaluate_volumes([unknown], _decode, ["disc", "box"], image_size=16, protocol="mm")
+    assert result.hd95_unit == "voxel" and json.loads(result.to_json())["hd95_unit"] == "voxel"
+    assert "HD95 ↓ (voxels)" in result.to_markdown()
+    physical = Volume(image, label, (2.0, 1.0, 1.0), "nifti")
+    assert evaluate_volumes([physical], _decode, ["disc", "box"], image_size=16).hd95_unit == "mm"
+    with pytest.raises(ValueError, match="cannot be scored together"):
+        evaluate_volumes([unknown, physical], _decode, ["disc", "box"], image_size=16)

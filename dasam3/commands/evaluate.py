@@ -1,7 +1,7 @@
 """`dasam3 evaluate`: score predicted label maps against ground truth, per case and class, in 3-D.
 
-    dasam3 evaluate --pred PRED_DIR --gt GT_DIR [--spacing-from gt|pred|none] [--labels 1,2,...]
-        [--protocol mm|transunet] [--out DIR] [--overwrite]
+    dasam3 evaluate --pred PRED_DIR --gt GT_DIR [--dataset synapse|btcv|acdc|mmwhs]
+        [--spacing-from gt|pred|none] [--labels 1,2,...] [--protocol mm|transunet] [--out DIR] [--overwrite]
 
 Predictions and ground truth are NIfTI label maps paired by file name (every gt file needs a
 prediction of the same name, in the same voxel grid). Arrays are scored in the files' own voxel order;
@@ -9,6 +9,12 @@ HD95 is in mm with the voxel sizes of the `--spacing-from` file ("none": voxels)
 the strict empty-mask rule, `--protocol transunet` TransUNet's rule and voxel units (see
 `dasam3.evaluation`). Labels default to every non-zero value in the gt files; class names come from the
 `predict` legends (`<name>.json` beside the predictions) when there are any.
+
+`--dataset NAME` reads the ground truth as that dataset distributes it: its file names are paired with
+the predictions of its image files (BTCV/Synapse `label0001` ↔ `img0001`, ACDC `..._gt` ↔ the frame,
+MM-WHS `_label` ↔ `_image`), its stored ids are mapped to the model's classes (raw Synapse's 13 → 8,
+MM-WHS 205 … 850 → 1 … 7; see `dasam3.data.ground_truth`), and the classes are named and ordered as
+the dataset's. `--protocol` then defaults to the dataset's (transunet for synapse, mm otherwise).
 
 Writes `evaluation.json`, `evaluation_cases.csv`, `evaluation_classes.csv` and `evaluation.md` into
 --out (default: the prediction folder) and prints the Markdown summary.
@@ -34,11 +40,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="whose voxel sizes give HD95 in mm (none: voxel units)")
     parser.add_argument("--labels", default=None,
                         help="comma-separated labels to score (default: all non-zero gt labels)")
-    parser.add_argument("--protocol", choices=tuple(PROTOCOLS), default="mm",
-                        help="empty-mask rule and units: strict in mm, or TransUNet's in voxels")
+    parser.add_argument("--protocol", choices=tuple(PROTOCOLS), default=None,
+                        help="empty-mask rule and units: strict in mm, or TransUNet's in voxels (default: the "
+                             "--dataset's, mm without one)")
+    _add_dataset_argument(parser)
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: --pred)")
     parser.add_argument("--method", default="model", help="row name in the Markdown table")
     parser.add_argument("--overwrite", action="store_true", help="replace existing result files")
+
+
+def _add_dataset_argument(parser: argparse.ArgumentParser) -> None:
+    from ..data.ground_truth import GROUND_TRUTH_LAYOUTS
+
+    parser.add_argument("--dataset", choices=tuple(GROUND_TRUTH_LAYOUTS), default=None,
+                        help="read the ground truth as this dataset stores it: its file names, label ids "
+                             "and class names")
+
+
+def _dataset_cases(args: argparse.Namespace):
+    """(layout or None, [(case id or None, prediction, ground truth)]) for --dataset or plain pairing."""
+    if args.dataset is None:
+        return None, [(None, pred, gt) for pred, gt in _pairs(args.pred, args.gt)]
+    from ..data.ground_truth import GROUND_TRUTH_LAYOUTS
+
+    layout = GROUND_TRUTH_LAYOUTS[args.dataset]
+    return layout, layout.pairs(args.pred, args.gt)
+
+
+def _dataset_class_names(layout, labels: list[int] | None) -> dict[int, str]:
+    """The dataset's classes (label → name), all of them or the chosen labels."""
+    names = dict(enumerate(layout.classes, start=1))
+    unknown = sorted(set(labels or []) - set(names))
+    if unknown:
+        raise ValueError(f"--labels {unknown} are not {layout.dataset} classes (1..{len(names)})")
+    return {label: names[label] for label in (labels or names)}
 
 
 def _label_volume(path: Path) -> tuple[np.ndarray, object]:
@@ -110,23 +145,31 @@ def _gt_labels(pairs) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation import EvaluationResult, result_paths, score_volume
+    from ..evaluation import EvaluationResult, default_protocol, result_paths, score_volume
 
     try:
-        pairs = _pairs(args.pred, args.gt)
+        layout, cases = _dataset_cases(args)
+        pairs = [(pred, gt) for _, pred, gt in cases]
         out = args.out or args.pred
         check_can_write(result_paths(out), args.overwrite)
-        labels = _parse_labels(args.labels) if args.labels else _gt_labels(pairs)
-        if not labels:
-            raise ValueError(f"the ground truth in {args.gt} has no non-zero label; pass --labels")
-        legend = _legend_names(args.pred)
-        class_names = {label: legend.get(label, f"label {label}") for label in labels}
+        if layout is not None:
+            class_names = _dataset_class_names(layout, _parse_labels(args.labels) if args.labels else None)
+        else:
+            labels = _parse_labels(args.labels) if args.labels else _gt_labels(pairs)
+            if not labels:
+                raise ValueError(f"the ground truth in {args.gt} has no non-zero label; pass --labels")
+            legend = _legend_names(args.pred)
+            class_names = {label: legend.get(label, f"label {label}") for label in labels}
+        protocol = args.protocol or default_protocol(args.dataset)
         scores = []
-        for pred_path, gt_path in pairs:
+        for dataset_case_id, pred_path, gt_path in cases:
             case_id, pred, gt, spacing = load_case(pred_path, gt_path, args.spacing_from)
-            scores += score_volume(pred, gt, class_names, case_id=case_id, spacing=spacing,
-                                   protocol=args.protocol)
-        result = EvaluationResult(scores, class_names, args.protocol)
+            if layout is not None:
+                gt = layout.remap(gt, gt_path)
+            scores += score_volume(pred, gt, class_names, case_id=dataset_case_id or case_id, spacing=spacing,
+                                   protocol=protocol)
+        hd95_unit = "voxel" if args.spacing_from == "none" else "mm"
+        result = EvaluationResult(scores, class_names, protocol, hd95_unit)
         written = result.write(out, method=args.method, overwrite=args.overwrite)
     except (DataError, FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"dasam3 evaluate: error: {error}", file=sys.stderr)

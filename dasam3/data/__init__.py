@@ -17,11 +17,12 @@ from __future__ import annotations
 
 from .acdc import ACDC_CLASSES, ACDC_SPLITS, ACDCDataset, acdc_cases
 from .augment import Augmentation
-from .base import (ArrayCase, Case, LabelRemap, NiftiCase, SliceDataset, Volume, collate_slices)
+from .base import (ArrayCase, Case, DataWarning, LabelRemap, NiftiCase, SliceDataset, Volume, collate_slices)
 from .btcv import BTCV_CLASSES, BTCV_SPLITS, BTCVDataset, btcv_cases
-from .mmwhs import MMWHS_CLASSES, MMWHS_SPLITS, MMWHSDataset, mmwhs_cases
+from .mmwhs import MMWHS_CLASSES, MMWHS_SPLIT_SCHEMES, MMWHS_SPLITS, MMWHSDataset, mmwhs_cases
 from .mni152 import MNI152_CLASSES, MNI152_SLABS_MM, MNI152Dataset, mni152_cases, mni152_volume
-from .synapse import SYNAPSE_CLASSES, SYNAPSE_SPLITS, SynapseDataset, synapse_cases
+from .preprocessing import Preprocessing
+from .synapse import SYNAPSE_CLASSES, SYNAPSE_SPLITS, SYNAPSE_TABLE_ORDER, SynapseDataset, synapse_cases
 from .synthetic import SYNTHETIC_CLASSES, SyntheticDataset, synthetic_cases
 from .transforms import normalize, normalize_ct, normalize_mri, resize_images, resize_labels
 from ..io import DataError
@@ -55,9 +56,9 @@ def load_dataset(name: str, root=None, split: str = "train", **options) -> Slice
 __all__ = [
     "ACDCDataset", "ACDC_CLASSES", "ACDC_SPLITS", "acdc_cases", "ArrayCase", "Augmentation",
     "BTCVDataset", "BTCV_CLASSES", "BTCV_SPLITS", "btcv_cases", "Case", "DATASETS", "DataError",
-    "LabelRemap", "MMWHSDataset", "MMWHS_CLASSES", "MMWHS_SPLITS", "mmwhs_cases", "MNI152Dataset",
+    "DataWarning", "LabelRemap", "MMWHSDataset", "MMWHS_CLASSES", "MMWHS_SPLIT_SCHEMES", "MMWHS_SPLITS", "mmwhs_cases", "MNI152Dataset",
     "MNI152_CLASSES", "MNI152_SLABS_MM", "mni152_cases", "mni152_volume", "NiftiCase",
-    "SliceDataset", "SyntheticDataset", "SYNTHETIC_CLASSES", "synthetic_cases", "SynapseDataset",
-    "SYNAPSE_CLASSES", "SYNAPSE_SPLITS", "synapse_cases", "Volume", "collate_slices",
+    "Preprocessing", "SliceDataset", "SyntheticDataset", "SYNTHETIC_CLASSES", "synthetic_cases", "SynapseDataset",
+    "SYNAPSE_CLASSES", "SYNAPSE_SPLITS", "SYNAPSE_TABLE_ORDER", "synapse_cases", "Volume", "collate_slices",
     "load_dataset", "normalize", "normalize_ct", "normalize_mri", "resize_images", "resize_labels",
 ]

@@ -62,3 +62,4 @@ class ACDCDataset(SliceDataset):
     def __init__(self, root: str | os.PathLike, split: str = "train", *,
                  image_size: int = ACDC_IMAGE_SIZE, **options):
         super().__init__(acdc_cases(root, split), ACDC_CLASSES, image_size=image_size, **options)
+        self.record_preprocessing("acdc", "mri", None, "native")

@@ -14,14 +14,16 @@ Item (one slice, `SliceDataset[i]`):
     slice_index int                             index along the volume's slice axis
 
 Volume (`Volume`, from `case.load()` / `dataset.volumes()`): image float32 [D, H, W] in [0, 1],
-label int64 [D, H, W], spacing (mm along D, H, W), the case id, and for NIfTI sources the file's
-affine and the `SliceLayout` that maps arrays back to its voxel grid. The slice layout is described
+label int64 [D, H, W], spacing (mm along D, H, W; `spacing_unit` "voxel" when the files store none),
+the case id, and for NIfTI sources the file's affine and the `SliceLayout` that maps arrays back to
+its voxel grid. The slice layout is described
 in `dasam3.io` (axis 0 inferior → superior, rows anterior → posterior, columns right → left).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +35,16 @@ from torch.utils.data import Dataset
 
 from ..io import DataError, Plane, SliceLayout, load_nifti, read_volume, require_3d
 from .augment import Augmentation
+from .preprocessing import Preprocessing
 from .transforms import resize_images, resize_labels
 
 
 @dataclass
 class Volume:
-    """One case in the slice layout. image: float32 [D, H, W] in [0, 1]; label: int64 [D, H, W]."""
+    """One case in the slice layout. image: float32 [D, H, W] in [0, 1]; label: int64 [D, H, W].
+
+    spacing_unit: "mm", or "voxel" when the source stores no voxel size (spacing is then (1, 1, 1)).
+    """
 
     image: np.ndarray
     label: np.ndarray
@@ -46,6 +52,7 @@ class Volume:
     case_id: str
     affine: np.ndarray | None = None
     layout: SliceLayout | None = None
+    spacing_unit: str = "mm"
 
     def __post_init__(self):
         self.image = np.asarray(self.image, dtype=np.float32)
@@ -57,14 +64,21 @@ class Volume:
             )
 
 
+class DataWarning(UserWarning):
+    """Data that is used, but not as the dataset documents it (a stray label value, a value range)."""
+
+
 class LabelRemap:
     """Maps a dataset's stored label values to 0..K, rejecting values it does not know.
 
     mapping: stored value → class index (0 = background). Values of the dataset that are known but not
-    evaluated (Synapse's esophagus) map to 0.
+    evaluated (Synapse's esophagus) map to 0. strays: stored values some releases hold by mistake →
+    (class index, why it is read so); they are mapped with a `DataWarning` naming the file.
     """
 
-    def __init__(self, mapping: Mapping[int, int]):
+    def __init__(self, mapping: Mapping[int, int], strays: Mapping[int, tuple[int, str]] | None = None):
+        self.strays = {int(k): (int(v), str(why)) for k, (v, why) in (strays or {}).items()}
+        mapping = {**dict(mapping), **{k: v for k, (v, _) in self.strays.items()}}
         self.mapping = dict(sorted((int(k), int(v)) for k, v in mapping.items()))
         self._lookup = np.zeros(max(self.mapping) + 1, dtype=np.int64)
         for stored, index in self.mapping.items():
@@ -83,6 +97,10 @@ class LabelRemap:
                 f"{source}: unknown label values {unknown[:10].tolist()}; expected values in "
                 f"{list(self.mapping)}"
             )
+        for value in values[np.isin(values, list(self.strays))].tolist():
+            index, why = self.strays[int(value)]
+            warnings.warn(f"{source}: label value {int(value)} read as class {index} ({why})", DataWarning,
+                          stacklevel=2)
         return self._lookup[label.astype(np.int64)]
 
 
@@ -187,6 +205,15 @@ class SliceDataset(Dataset):
         counts = [case.num_slices() for case in self.cases]
         self._index = [(c, s) for c, count in enumerate(counts) for s in range(count)]
         self._resized: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # How raw volumes become this dataset's inputs (set by the datasets that read files; trainers
+        # store it beside a checkpoint so that `dasam3 predict` repeats it).
+        self.preprocessing: Preprocessing | None = None
+
+    def record_preprocessing(self, dataset: str, modality: str | None, ct_window=None,
+                             plane: Plane = "axial", source: str | None = None) -> None:
+        """Set `preprocessing` from this dataset's image size and channels and the given settings."""
+        self.preprocessing = Preprocessing(dataset, modality, ct_window, plane, self.image_size,
+                                           self.channels, source)
 
     @property
     def concepts(self) -> list[str]:

@@ -3,8 +3,10 @@
 Files, as the challenge distributes them (`RawData/Training/img/img0001.nii.gz`,
 `RawData/Training/label/label0001.nii.gz`; `root` may be the folder holding `RawData`, holding
 `Training`, or holding `img`/`label`) or in MONAI's layout (`imagesTr/img0001.nii.gz`,
-`labelsTr/label0001.nii.gz`). CT is windowed to [-125, 275] HU and scaled to [0, 1]; slices are axial;
-256² by default.
+`labelsTr/label0001.nii.gz`). CT is windowed to [-175, 250] HU and scaled to [0, 1], the window of
+MONAI's UNETR / Swin-UNETR BTCV recipe (`ScaleIntensityRanged(a_min=-175, a_max=250)`), whose split this
+is too (`window=` changes it); slices are axial; 256² by default. Labels: the challenge's 13 ids, in
+their order (1 spleen ... 13 left adrenal gland).
 
 Split: 24 training / 6 test cases, the split of MONAI's UNETR / Swin-UNETR BTCV experiments
 (`dataset_0.json`: validation = img0035–img0040).
@@ -19,7 +21,7 @@ from typing import Sequence
 
 from ..io import require_file
 from .base import Case, LabelRemap, NiftiCase, SliceDataset, first_existing, split_members
-from .transforms import CT_WINDOW, normalize_ct
+from .transforms import BTCV_CT_WINDOW, CT_WINDOW, normalize_ct
 
 BTCV_CLASSES = (
     "spleen", "right kidney", "left kidney", "gallbladder", "esophagus", "liver", "stomach", "aorta",
@@ -57,7 +59,7 @@ def abdomen_ct_cases(root: str | os.PathLike, case_ids: Sequence[str], remap: La
 
 
 def btcv_cases(root: str | os.PathLike, split: str = "train",
-               window: Sequence[float] = CT_WINDOW) -> list[Case]:
+               window: Sequence[float] = BTCV_CT_WINDOW) -> list[Case]:
     return abdomen_ct_cases(root, split_members(BTCV_SPLITS, split, "BTCV"), BTCV_REMAP, window)
 
 
@@ -65,6 +67,7 @@ class BTCVDataset(SliceDataset):
     """BTCV axial slices with 13 organ concepts (see the module docstring for files and split)."""
 
     def __init__(self, root: str | os.PathLike, split: str = "train", *,
-                 image_size: int = BTCV_IMAGE_SIZE, window: Sequence[float] = CT_WINDOW, **options):
+                 image_size: int = BTCV_IMAGE_SIZE, window: Sequence[float] = BTCV_CT_WINDOW, **options):
         super().__init__(btcv_cases(root, split, window), BTCV_CLASSES, image_size=image_size,
                          **options)
+        self.record_preprocessing("btcv", "ct", window, "axial")

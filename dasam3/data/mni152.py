@@ -100,3 +100,4 @@ class MNI152Dataset(SliceDataset):
         options.setdefault("extra_concepts", MNI152_EXTRA_CONCEPTS)
         super().__init__(mni152_cases(split, resolution), MNI152_CLASSES, image_size=image_size,
                          **options)
+        self.record_preprocessing("mni152", "mri", None, "axial")

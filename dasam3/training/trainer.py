@@ -326,6 +326,8 @@ class Trainer:
 
         self.model.save_pretrained(folder)
         save_adapter(self.model, folder / "adapter.safetensors")
+        if getattr(self.train_set, "preprocessing", None) is not None:  # read back by `dasam3 predict`
+            self.train_set.preprocessing.save(folder)
 
     def _resume(self) -> None:
         """Rebuild the model's structure up to the checkpoint, then restore weights, RNG and optimizer."""

@@ -52,7 +52,7 @@ def test_scores_equal_medpy_in_mm(folders, capsys):
                                             abs=1e-6)
         assert row["hd95"] == pytest.approx(expected_hd95, abs=1e-6)
     output = capsys.readouterr().out
-    assert output.startswith("| Method | DSC ↑ | HD95 ↓ | label 1 (DSC / HD95) | label 2 (DSC / HD95) |")
+    assert output.startswith("| Method | DSC ↑ | HD95 ↓ (mm) | label 1 (DSC / HD95) | label 2 (DSC / HD95) |")
     assert (root / "pred" / "evaluation_cases.csv").read_text().count("\n") == 1 + 4
     assert _evaluate(root) == 1  # results exist: not replaced without --overwrite
     assert _evaluate(root, "--overwrite") == 0

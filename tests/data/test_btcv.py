@@ -37,8 +37,10 @@ def test_reads_either_layout_with_all_13_labels(tmp_path, layout_name):
     hu, label = written["0035"]
     layout = SliceLayout.from_affine(affine)
     np.testing.assert_array_equal(layout.from_slices(volume.label), label)
-    np.testing.assert_allclose(layout.from_slices(volume.image), (np.clip(hu, -125, 275) + 125) / 400,
+    # MONAI's BTCV recipe window, [-175, 250] HU → [0, 1]
+    np.testing.assert_allclose(layout.from_slices(volume.image), (np.clip(hu, -175, 250) + 175) / 425,
                                atol=1e-6)
+    assert (dataset.preprocessing.modality, dataset.preprocessing.ct_window) == ("ct", (-175.0, 250.0))
     item = dataset[0]
     assert item["image"].shape == (1, 16, 16) and item["masks"].shape == (13, 16, 16)
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dasam3.data import DataError, SynapseDataset, load_dataset, synapse_cases
+from dasam3.data import DataError, DataWarning, SynapseDataset, load_dataset, synapse_cases
 from dasam3.data.btcv import BTCV_CASES
 from dasam3.data.synapse import SYNAPSE_CLASSES, SYNAPSE_TEST_CASES, SYNAPSE_TRAIN_CASES
 from dasam3.io import SliceLayout
@@ -74,8 +74,49 @@ def test_h5_test_volumes(tmp_path):
     image, label = expected["0008"]
     np.testing.assert_allclose(volumes[4].image, image)
     np.testing.assert_array_equal(volumes[4].label, label.astype(np.int64))
-    assert volumes[4].spacing == (1.0, 1.0, 1.0)
+    assert volumes[4].spacing == (1.0, 1.0, 1.0) and volumes[4].spacing_unit == "voxel"
     assert len(dataset) == 3 * 12
+    assert (dataset.preprocessing.source, dataset.preprocessing.ct_window) == ("h5", (-125.0, 275.0))
+
+
+def _reference_range_volume(rng, shape):
+    """Values like TransUNet's distributed files: about [-0.15, 1.2], not [0, 1]."""
+    image = rng.uniform(-0.15, 1.2, shape).astype(np.float32)
+    image.flat[:2] = (-0.15, 1.2)
+    return image
+
+
+def test_transunet_reference_ranges_are_used_as_stored_with_a_warning(tmp_path):
+    rng = np.random.default_rng(3)
+    _write_npz_split(tmp_path)
+    case = SYNAPSE_TRAIN_CASES[0]
+    stored = [_reference_range_volume(rng, (12, 12)) for _ in range(2)]
+    for index, image in enumerate(stored):
+        np.savez(tmp_path / "train_npz" / f"case{case}_slice{index:03d}.npz", image=image,
+                 label=np.zeros((12, 12), np.float32))
+    with pytest.warns(DataWarning, match=rf"case{case}_slice\*.npz: intensities \[-0.15, 1.2\] lie outside "
+                                          r"\[0, 1\].*used as stored, not clipped"):
+        volume = SynapseDataset(tmp_path, "train").cases[0].load()
+    np.testing.assert_array_equal(volume.image, np.stack(stored))  # not clipped
+
+    _write_h5_split(tmp_path)
+    image = _reference_range_volume(rng, (3, 10, 10))
+    with h5py.File(tmp_path / "test_vol_h5" / "case0001.npy.h5", "w") as file:
+        file["image"], file["label"] = image, np.zeros((3, 10, 10), np.float32)
+    with pytest.warns(DataWarning, match=r"case0001.npy.h5: intensities \[-0.15, 1.2\]"):
+        volume = next(SynapseDataset(tmp_path, "test").volumes())
+    np.testing.assert_array_equal(volume.image, image)
+
+
+def test_preprocessed_files_holding_raw_hu_are_windowed_with_a_warning(tmp_path):
+    _write_h5_split(tmp_path)
+    hu = np.random.default_rng(4).integers(-1024, 1500, (3, 10, 10)).astype(np.float32)
+    with h5py.File(tmp_path / "test_vol_h5" / "case0002.npy.h5", "w") as file:
+        file["image"], file["label"] = hu, np.zeros((3, 10, 10), np.float32)
+    with pytest.warns(DataWarning, match=r"case0002.npy.h5: intensities .* exceed 2: read as raw HU and windowed "
+                                         r"to \(-125.0, 275.0\)"):
+        volume = SynapseDataset(tmp_path, "test").cases[1].load()
+    np.testing.assert_allclose(volume.image, (np.clip(hu, -125, 275) + 125) / 400, atol=1e-6)
 
 
 def test_raw_nifti_remap_window_and_orientation(tmp_path):
@@ -106,8 +147,8 @@ def test_preprocessed_bad_data_names_the_file(tmp_path):
     np.savez(bad, image=np.zeros((12, 12)), label=np.full((12, 12), 12))
     with pytest.raises(DataError, match=rf"{bad.name}: unknown label values \[12\]"):
         SynapseDataset(tmp_path)[0]
-    np.savez(bad, image=np.full((12, 12), 180.0), label=np.zeros((12, 12)))
-    with pytest.raises(DataError, match=rf"{bad.name}: preprocessed image intensities"):
+    np.savez(bad, image=np.full((12, 12), -5.0), label=np.zeros((12, 12)))
+    with pytest.raises(DataError, match=r"case0005_slice\*.npz: intensities \[-5, [0-9.]+\] are neither scaled CT"):
         SynapseDataset(tmp_path)[0]
     np.savez(bad, image=np.zeros((12, 12)), label=np.zeros((12, 10)))
     with pytest.raises(DataError, match=rf"{bad.name}: expected a 2-D image and label of one shape"):
