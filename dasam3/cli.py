@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-# name (= module under dasam3.commands) → one-line help
+# name (= module under dasam3.commands, a dash read as an underscore) → one-line help
 COMMANDS = {
     "demo": "DA-SAM3 end to end on the embedded MNI152 brain MRI (the main job; --quick for a smoke run)",
     "train": "train a DA-SAM3 model through its stages (YAML config and/or flags; torchrun for DDP)",
@@ -18,6 +18,7 @@ COMMANDS = {
     "predict": "segment NIfTI volumes with a checkpoint and write label maps with a JSON legend",
     "evaluate": "score predicted label maps against ground truth (DSC, HD95 per case and class)",
     "bench": "time the DA-MoE layer against a dense FFN and print the parameter table",
+    "check-labels": "check which label id is which organ on your data (centroid side and position per label)",
 }
 
 
@@ -32,7 +33,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def _module(name: str):
-    return importlib.import_module(f"dasam3.commands.{name}")
+    return importlib.import_module(f"dasam3.commands.{name.replace('-', '_')}")
 
 
 def main(argv: list[str] | None = None) -> int:

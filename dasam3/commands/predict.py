@@ -7,7 +7,13 @@ Each output has the input's shape, affine and header (data type uint8, int16 bey
 intensity scaling) and a JSON legend beside it (`scan_labels.json`: label → concept). Slices are taken
 along the axial axis of the input's closest canonical orientation (`--plane native` keeps the file's
 third axis, for short-axis cardiac stacks). Inputs are normalised like the training data: MRI by its
-0.5 / 99.5 percentiles, CT by the window [-125, 275] HU, to [0, 1].
+0.5 / 99.5 percentiles, CT by a HU window, to [0, 1].
+
+How the model was trained decides: a checkpoint written by `dasam3 train` / `demo` holds
+`preprocessing.json` (modality, CT window, plane, input size, dataset), and predict uses it; a flag
+given on the command line overrides it, with a warning when it differs from the training. Older
+checkpoints without the record use the flags, defaulting to `--modality mri --plane axial` and the
+window [-125, 275] HU.
 
 Every input header and every output path is checked before the model is loaded: an existing output is
 never replaced without --overwrite, and a bad input stops the run with an error naming the file.
@@ -30,6 +36,8 @@ DEFAULT_BATCH_SIZE = 8
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..data.preprocessing import window_bound
+
     parser.add_argument("-i", "--input", required=True, type=Path,
                         help="a NIfTI file (.nii/.nii.gz) or a folder of them")
     parser.add_argument("-o", "--output", required=True, type=Path,
@@ -38,15 +46,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concept", action="append", default=None, metavar="TEXT",
                         help="a concept to segment, label i = i-th --concept (repeatable; default: "
                              "the concepts the model was trained on)")
-    parser.add_argument("--modality", choices=MODALITIES, default="mri",
-                        help="intensity normalisation: mri = percentile scaling, ct = HU window")
-    parser.add_argument("--ct-window", nargs=2, type=float, default=CT_WINDOW,
-                        metavar=("LOW", "HIGH"), help="HU window for --modality ct")
-    parser.add_argument("--plane", choices=PLANES, default="axial",
-                        help="slice along the canonical axial axis or the file's own third axis")
+    parser.add_argument("--modality", choices=MODALITIES, default=None,
+                        help="intensity normalisation: mri = percentile scaling, ct = HU window (default: as "
+                             "the checkpoint was trained, else mri)")
+    parser.add_argument("--ct-window", nargs=2, type=window_bound, default=None, metavar=("LOW", "HIGH"),
+                        help="HU window for --modality ct; a bound 'pNN' is the volume's NN-th percentile "
+                             "(default: the training's, else -125 275)")
+    parser.add_argument("--plane", choices=PLANES, default=None,
+                        help="slice along the canonical axial axis or the file's own third axis (default: "
+                             "the training's, else axial)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="slices per batch")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
+
+def training_preprocessing(args: argparse.Namespace, image_size: int) -> dict:
+    """modality, ct_window and plane: the flags, else the checkpoint's record (warnings on stderr)."""
+    from ..data.preprocessing import Preprocessing, resolve_settings
+
+    flags = {"modality": args.modality, "ct_window": args.ct_window, "plane": args.plane}
+    settings, warnings = resolve_settings(Preprocessing.load(args.checkpoint), flags, image_size, args.checkpoint)
+    for warning in warnings:
+        print(f"dasam3 predict: warning: {warning}", file=sys.stderr)
+    return settings
 
 
 def load_model(checkpoint: Path, device):
@@ -141,11 +163,12 @@ def run(args: argparse.Namespace) -> int:
         model = load_model(args.checkpoint, device)
         concepts = _check_concepts(args.concept or model.config.concepts)
         segmenter = model_segmenter(model, concepts, device)
+        settings = training_preprocessing(args, model.config.image_size)
         for source, output in tqdm(pairs, desc="volumes", unit="file", disable=len(pairs) < 2):
             predict_file(source, output, segmenter, concepts, image_size=model.config.image_size,
-                         channels=model.config.in_channels, modality=args.modality,
-                         ct_window=args.ct_window, plane=args.plane, batch_size=args.batch_size,
-                         metadata={"checkpoint": str(args.checkpoint)})
+                         channels=model.config.in_channels, **settings, batch_size=args.batch_size,
+                         metadata={"checkpoint": str(args.checkpoint),
+                                   "ct_window": list(settings["ct_window"]) if settings["modality"] == "ct" else None})
             print(f"wrote {output}")
     except (DataError, FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"dasam3 predict: error: {error}", file=sys.stderr)

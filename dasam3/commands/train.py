@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dasam3.metrics import PROTOCOLS
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=None, help="YAML file of training options (see above)")
@@ -33,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1, ...")
     parser.add_argument("--num-workers", type=int, default=None)
     parser.add_argument("--no-eval", action="store_true", help="skip scoring the test split at the end")
+    parser.add_argument("--protocol", choices=tuple(PROTOCOLS), default=None,
+                        help="scoring protocol of the final test (default: the dataset's; transunet for synapse)")
 
 
 def _read_options(args: argparse.Namespace) -> tuple[dict, dict | None, Path | None]:
@@ -80,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     trainer.fit(resume=args.resume)
     if world.is_main and not args.no_eval:
         test_set = load_dataset(config.dataset, config.data_root, "test", channels=model.config.in_channels, **size)
-        result = evaluate(model, test_set, device, config.batch_size)
+        result = evaluate(model, test_set, device, config.batch_size, args.protocol)
         result.write(args.out, method="dasam3", overwrite=True)
         print(result.to_markdown("dasam3"))
     return 0

@@ -53,3 +53,4 @@ class SyntheticDataset(SliceDataset):
                  image_size: int = 48, seed: int = 0, **options):
         super().__init__(synthetic_cases(split, num_cases, depth, size, seed), SYNTHETIC_CLASSES,
                          image_size=image_size, seed=seed, **options)
+        self.record_preprocessing("synthetic", None, None, "axial")  # generated in [0, 1]: no scan modality

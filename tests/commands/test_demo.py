@@ -3,6 +3,8 @@ checkpoint through `dasam3 predict`."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 
 import numpy as np
@@ -29,11 +31,16 @@ def test_demo_writes_its_numbers_checkpoint_and_figures(demo_out):
         assert 0.0 <= row["dice"] <= 1.0 and row["hd95"] >= 0.0
     assert summary["mean_dice"] == pytest.approx(np.mean([r["dice"] for r in summary["per_concept"].values()]))
     assert [v["variant"] for v in summary["variants"]] == ["frozen", "lora", "da-sam3"]
+    assert (summary["protocol"], summary["hd95_unit"]) == ("mm", "mm")  # MNI152's default protocol
     for name in ("config.json", "model.safetensors", "adapter.safetensors"):
         assert (out / "checkpoint" / name).is_file()
+    record = json.loads((out / "checkpoint" / "preprocessing.json").read_text())
+    assert record == {"dataset": "mni152", "modality": "mri", "ct_window": None, "plane": "axial",
+                      "image_size": 64, "channels": 1, "source": None}
     for name in ("overlay.png", "routing.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| da-sam3 |" in (out / "results.md").read_text()
+    results = (out / "results.md").read_text()
+    assert "| da-sam3 |" in results and "Protocol: `mm`" in results
 
 
 def test_demo_refuses_to_overwrite_without_the_flag(demo_out):
@@ -42,7 +49,7 @@ def test_demo_refuses_to_overwrite_without_the_flag(demo_out):
         main(["demo", "--quick", "--out", str(out)])
 
 
-def test_demo_checkpoint_segments_a_nifti_with_predict(demo_out, tmp_path):
+def test_demo_checkpoint_segments_a_nifti_with_predict(demo_out, tmp_path, capsys):
     from dasam3.data.mni152 import mni152_volume
     from dasam3.models import DASAM3
 
@@ -55,6 +62,8 @@ def test_demo_checkpoint_segments_a_nifti_with_predict(demo_out, tmp_path):
     nib.save(image, source)
     target = tmp_path / "labels.nii.gz"
     assert main(["predict", "-i", str(source), "-o", str(target), "--checkpoint", str(out / "checkpoint")]) == 0
+    assert "warning" not in capsys.readouterr().err  # the checkpoint says how it was trained
+    assert json.loads((tmp_path / "labels.json").read_text())["modality"] == "mri"
     written = nib.load(target)
     assert written.shape == image.shape and np.allclose(written.affine, affine)
     labels = np.asarray(written.dataobj)
@@ -63,15 +72,26 @@ def test_demo_checkpoint_segments_a_nifti_with_predict(demo_out, tmp_path):
     assert model.config.concepts == ["gray matter", "white matter"]
 
 
-def test_ablate_quick_runs_every_table2_variant(tmp_path):
+def test_ablate_quick_runs_every_table2_variant_and_the_fair_lora_rows(tmp_path, capsys):
+    from dasam3.layers.context import ConceptConcat
+
     out = tmp_path / "ablation"
     assert main(["ablate", "--quick", "--out", str(out), "--warmup-steps", "3", "--calibrate-steps", "1",
-                 "--pretrain-steps", "3"]) == 0
-    rows = (out / "ablation.csv").read_text().splitlines()
-    assert [r.split(",")[0] for r in rows[1:]] == ["frozen", "concat", "lora", "standard-moe", "wo-der", "wo-dpe",
-                                                   "da-sam3"]
+                 "--pretrain-steps", "3", "--protocol", "transunet"]) == 0
+    rows = list(csv.DictReader(io.StringIO((out / "ablation.csv").read_text())))
+    assert [r["variant"] for r in rows] == ["frozen", "concat", "lora", "lora-matched", "lora-concept",
+                                            "standard-moe", "wo-der", "wo-dpe", "da-sam3"]
+    assert {r["protocol"] for r in rows} == {"transunet"} and "mean_hd95_voxel" in rows[0]
+    trainable = {r["variant"]: int(r["trainable_params"]) for r in rows}
+    # matched to within one rank step (2 · 3 layers · (d_model + d_ff) = 1,920 parameters per rank)
+    assert abs(trainable["lora-matched"] - trainable["da-sam3"]) <= 1920 // 2
+    # LoRA's parameters plus Concat's Linear([h ; e_c]) at the 3 hierarchical layers (d_model 64, MiniLM's 384)
+    projections = 3 * sum(p.numel() for p in ConceptConcat(64, 384).parameters())
+    assert trainable["lora-concept"] == trainable["lora"] + projections
+    assert all(float(r["seconds"]) > 0 for r in rows)
     table = (out / "ablation.md").read_text()
-    assert "| wo-dpe |" in table and "trainable params" in table
+    assert "| lora-matched | 19" in table and "Protocol: `transunet`" in table and "Total:" in table
+    assert "| lora-concept |" in capsys.readouterr().out
 
 
 def test_train_command_from_yaml_resumes_and_scores(tmp_path):
@@ -83,9 +103,12 @@ def test_train_command_from_yaml_resumes_and_scores(tmp_path):
         "model: {image_size: 32, image_encoder_options: {widths: [4, 8, 8]}, d_model: 16, num_layers: 2,\n"
         "        num_heads: 2, d_ff: 32, mask_dim: 4, text_encoder_options: {dim: 16}}\n")
     out = tmp_path / "run"
-    assert main(["train", "--config", str(config), "--out", str(out)]) == 0
+    assert main(["train", "--config", str(config), "--out", str(out), "--protocol", "transunet"]) == 0
     assert (out / "checkpoints" / "last" / "adapter.safetensors").is_file()
-    assert (out / "evaluation.json").is_file() and (out / "train_config.json").is_file()
+    assert json.loads((out / "evaluation.json").read_text())["protocol"] == "transunet"
+    assert (out / "train_config.json").is_file()
+    record = json.loads((out / "checkpoints" / "last" / "preprocessing.json").read_text())
+    assert (record["dataset"], record["image_size"], record["modality"]) == ("synthetic", 32, None)
     with pytest.raises(FileExistsError, match="already holds a run"):
         main(["train", "--config", str(config), "--out", str(out)])
     assert main(["train", "--config", str(config), "--out", str(out), "--resume"]) == 0
