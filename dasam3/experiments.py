@@ -11,8 +11,9 @@ count, or the concept signal?":
 
 - "lora-matched": LoRA (E = 1, k = 1) with its rank chosen so that its trainable parameters match
   DA-SAM3's (the rank may exceed the layer width: the budget, not the rank, is what is matched);
-- "lora-concept": LoRA plus the concept embedding given to the same decoder layers' FFNs (the Concat
-  baseline's `Linear([h ; e_c])`, identity at initialisation), so LoRA sees the concept DA-SAM3's routers see.
+- "lora-concept": LoRA plus the concept embedding e_c given to the same decoder layers' FFNs (the Concat
+  baseline's `Linear([h ; e_c])`, identity at initialisation): the concept signal of DA-SAM3's router
+  context (whose other half attends e_c over the visual tokens) without the routing.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from dasam3.training import StageConfig, TrainConfig, Trainer
 
 FROZEN = "frozen"  # the base model prompted with the new concepts, not adapted: the baseline row
 LORA_MATCHED, LORA_CONCEPT = "lora-matched", "lora-concept"  # the fairness rows (module docstring)
-EXTRA_VARIANTS = (LORA_MATCHED, LORA_CONCEPT)
 
 
 @dataclass
@@ -158,8 +158,8 @@ def run_experiment(base: DASAM3Config | Path, variants: Sequence[str], train_set
 
     base: a checkpoint folder to start from, or a config whose model is first pretrained on
     `base_concepts` (the CPU stand-in for SAM3's pretraining).  `FROZEN` among the variants scores the
-    base itself, prompted with the new concepts; `EXTRA_VARIANTS` are the fairness rows (module
-    docstring).  protocol: the scoring protocol (default: the test set's dataset's).
+    base itself, prompted with the new concepts; `LORA_MATCHED` and `LORA_CONCEPT` are the fairness
+    rows (module docstring).  protocol: the scoring protocol (default: the test set's dataset's).
     """
     concepts = list(test_set.classes)
     if isinstance(base, DASAM3Config):
