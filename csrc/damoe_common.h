@@ -31,14 +31,15 @@ constexpr const char* kBackwardSchema =
     "Tensor pre, Tensor U, Tensor V, float scale, str activation, bool need_grad_x, bool need_fc_grads) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)";
 
-enum class Activation { kGelu, kGeluTanh, kRelu, kSilu };
+enum class Activation { kGelu, kGeluTanh, kRelu, kSilu, kQuickGelu };
 
 inline Activation parse_activation(c10::string_view name) {
   if (name == "gelu") return Activation::kGelu;
   if (name == "gelu_tanh") return Activation::kGeluTanh;
   if (name == "relu") return Activation::kRelu;
   if (name == "silu") return Activation::kSilu;
-  TORCH_CHECK(false, "lowrank_moe: activation must be one of gelu, gelu_tanh, relu, silu, got '",
+  if (name == "quick_gelu") return Activation::kQuickGelu;
+  TORCH_CHECK(false, "lowrank_moe: activation must be one of gelu, gelu_tanh, relu, silu, quick_gelu, got '",
               std::string(name.data(), name.size()), "'");
 }
 
@@ -50,6 +51,7 @@ void with_activation(Activation act, Fn&& fn) {
     case Activation::kGeluTanh: return fn(std::integral_constant<Activation, Activation::kGeluTanh>{});
     case Activation::kRelu: return fn(std::integral_constant<Activation, Activation::kRelu>{});
     case Activation::kSilu: return fn(std::integral_constant<Activation, Activation::kSilu>{});
+    case Activation::kQuickGelu: return fn(std::integral_constant<Activation, Activation::kQuickGelu>{});
   }
 }
 

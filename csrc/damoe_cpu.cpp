@@ -126,6 +126,21 @@ struct Act<Activation::kSilu> {  // z σ(z)
   }
 };
 
+template <>
+struct Act<Activation::kQuickGelu> {  // z σ(1.702 z), CLIP's GELU approximation
+  static constexpr double kC = 1.702;
+  template <typename V>
+  static V value(V z) {
+    return z / (V(1) + (z * V(-kC)).exp());
+  }
+  template <typename V>
+  static void value_and_grad(V z, V& h, V& d) {
+    const V sig = V(1) / (V(1) + (z * V(-kC)).exp());
+    h = z * sig;
+    d = sig * at::vec::fmadd(V(kC) * z, V(1) - sig, V(1));  // σ(cz) (1 + c z (1 − σ(cz)))
+  }
+};
+
 // ---- vector helpers over rows of length n --------------------------------------------------------
 
 template <typename scalar_t>

@@ -83,6 +83,8 @@ __device__ T act_value(T z) {
     return T(0.5) * z * (T(1) + ::tanh(T(0.7978845608028654) * (z + T(0.044715) * z * z * z)));
   } else if constexpr (A == Activation::kRelu) {
     return z < T(0) ? T(0) : z;  // NaN propagates, as in torch
+  } else if constexpr (A == Activation::kQuickGelu) {
+    return z / (T(1) + ::exp(T(-1.702) * z));
   } else {
     return z / (T(1) + ::exp(-z));
   }
@@ -102,6 +104,10 @@ __device__ void act_value_grad(T z, T& h, T& d) {
   } else if constexpr (A == Activation::kRelu) {
     h = z < T(0) ? T(0) : z;
     d = z > T(0) ? T(1) : T(0);
+  } else if constexpr (A == Activation::kQuickGelu) {
+    const T sig = T(1) / (T(1) + ::exp(T(-1.702) * z));
+    h = z * sig;
+    d = sig * (T(1) + T(1.702) * z * (T(1) - sig));
   } else {
     const T sig = T(1) / (T(1) + ::exp(-z));
     h = z * sig;

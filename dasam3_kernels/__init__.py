@@ -3,7 +3,7 @@ kernels, and the registry that picks one (`resolve_backend`)."""
 
 from .activations import ACTIVATIONS
 from .backends import BACKENDS, Backend, available_backends, load_backend, resolve_backend
-from .reference import full_moe_reference, lowrank_moe_reference
+from .reference import full_moe_reference, gated_moe_reference, lowrank_moe_reference
 from .routing import aux_losses, random_route, route
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "available_backends",
     "aux_losses",
     "full_moe_reference",
+    "gated_moe_reference",
     "load_backend",
     "lowrank_moe_reference",
     "random_route",

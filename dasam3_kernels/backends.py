@@ -31,6 +31,7 @@ class Backend:
         `reference.lowrank_moe_reference`: `y_t = Σ_j p_tj · expert_{e_tj}(x_t)` for any weights p.
     route: `(x, weight, bias, ctx_bias, top_k) -> (indices, weights, probs)` as `routing.route`.
     full_moe: the contract of `reference.full_moe_reference`, or None if not implemented.
+    gated_moe: the contract of `reference.gated_moe_reference` (gated FFNs), or None if not implemented.
     supports_dropout: whether lowrank_moe takes `dropout_mask` / `dropout_p`.
     device_error: returns None when the backend can run on that device, else why it cannot.
     """
@@ -39,17 +40,19 @@ class Backend:
     lowrank_moe: Callable[..., torch.Tensor]
     route: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = routing.route
     full_moe: Callable[..., torch.Tensor] | None = None
+    gated_moe: Callable[..., torch.Tensor] | None = None
     supports_dropout: bool = False
     device_error: Callable[[torch.device], str | None] = lambda device: None
 
 
 def _load_reference() -> Backend:
     return Backend("reference", reference.lowrank_moe_reference, full_moe=reference.full_moe_reference,
-                   supports_dropout=True)
+                   gated_moe=reference.gated_moe_reference, supports_dropout=True)
 
 
 def _load_torch() -> Backend:
-    return Backend("torch", torch_path.lowrank_moe, full_moe=torch_path.full_moe, supports_dropout=True)
+    return Backend("torch", torch_path.lowrank_moe, full_moe=torch_path.full_moe, gated_moe=torch_path.gated_moe,
+                   supports_dropout=True)
 
 
 def _load_triton() -> Backend:
@@ -78,6 +81,12 @@ _LOADERS: dict[str, Callable[[], Backend]] = {
     "cpu": lambda: _load_extension("cpu"),
     "cuda": lambda: _load_extension("cuda"),
 }
+
+
+def gated_unsupported(name: str) -> RuntimeError:
+    """The error for a gated layer on a backend that has no gated kernel."""
+    return RuntimeError(f"backend {name!r} has no gated-FFN (SwiGLU/GeGLU) kernel yet: a gated layer runs on "
+                        "backend='torch' or 'reference' (backend='auto' picks one that can)")
 
 
 def check_backend_name(name: str) -> str:
@@ -121,7 +130,7 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 
 
 def resolve_backend(name: str, device: torch.device, *, full_experts: bool = False,
-                    dropout: bool = False) -> Backend:
+                    dropout: bool = False, gated: bool = False) -> Backend:
     """The backend that runs a forward on `device`.
 
     "auto" takes the fastest one that can run this call.  A named backend must be able to run it,
@@ -130,7 +139,7 @@ def resolve_backend(name: str, device: torch.device, *, full_experts: bool = Fal
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ()):
             backend = _try_load(candidate)
-            if backend is not None and _serves(backend, device, full_experts, dropout):
+            if backend is not None and _serves(backend, device, full_experts, dropout, gated):
                 return backend
         return load_backend("torch")  # serves every call on every device
     backend = load_backend(name)
@@ -139,13 +148,16 @@ def resolve_backend(name: str, device: torch.device, *, full_experts: bool = Fal
         raise RuntimeError(f"backend {name!r} cannot run on {device}: {error}")
     if full_experts and backend.full_moe is None:
         raise ValueError(f"backend {name!r} implements expert_type='lowrank' only, got expert_type='full'")
+    if gated and not full_experts and backend.gated_moe is None:
+        raise gated_unsupported(name)
     if dropout and not backend.supports_dropout:
         return load_backend("torch")
     return backend
 
 
-def _serves(backend: Backend, device: torch.device, full_experts: bool, dropout: bool) -> bool:
+def _serves(backend: Backend, device: torch.device, full_experts: bool, dropout: bool, gated: bool) -> bool:
     return (backend.device_error(device) is None
             and (not full_experts or backend.full_moe is not None)
+            and (not gated or full_experts or backend.gated_moe is not None)
             and (not dropout or backend.supports_dropout))
 

@@ -79,6 +79,44 @@ def lowrank_moe_reference(
     return _per_expert_loop(x, indices, weights, expert, dropout_mask)
 
 
+def gated_moe_reference(
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor | None,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor | None,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor | None,
+    gate_A: torch.Tensor | None,
+    gate_B: torch.Tensor | None,
+    fc1_A: torch.Tensor | None,
+    fc1_B: torch.Tensor | None,
+    fc2_A: torch.Tensor | None,
+    fc2_B: torch.Tensor | None,
+    scale: float,
+    activation: str,
+    dropout_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Mixture of low-rank experts over a frozen gated FFN `fc2(act(gate(x)) ⊙ fc1(x))` (SwiGLU, GeGLU).
+
+    As `lowrank_moe_reference`, plus gate_weight: [F, D], gate_bias: [F] or None, gate_A: [E, r, D],
+    gate_B: [E, F, r] (None: the gate is not adapted).  Per slot, with e its expert:
+    g = W_g x + b_g + s B_g[e] A_g[e] x,  u = W1 x + b1 + s B1[e] A1[e] x,  h = act(g) ⊙ u.
+    """
+    act = activation_fn(activation)
+
+    def expert(e: int, xe: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        g = F.linear(xe, gate_weight, gate_bias) + _lowrank(xe, gate_A, gate_B, e, scale)
+        u = F.linear(xe, fc1_weight, fc1_bias) + _lowrank(xe, fc1_A, fc1_B, e, scale)
+        h = _apply_dropout(act(g) * u, keep, dropout_p)
+        return F.linear(h, fc2_weight, fc2_bias) + _lowrank(h, fc2_A, fc2_B, e, scale)
+
+    return _per_expert_loop(x, indices, weights, expert, dropout_mask)
+
+
 def full_moe_reference(
     x: torch.Tensor,
     indices: torch.Tensor,
@@ -90,17 +128,20 @@ def full_moe_reference(
     activation: str,
     dropout_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    gate_weight: torch.Tensor | None = None,
+    gate_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mixture of full experts (standard MoE; the "w/o DPE" ablation).
 
-    x: [T, D]; fc1_weight: [E, F, D], fc1_bias: [E, F], fc2_weight: [E, D, F], fc2_bias: [E, D].
+    x: [T, D]; fc1_weight: [E, F, D], fc1_bias: [E, F], fc2_weight: [E, D, F], fc2_bias: [E, D];
+    gate_weight: [E, F, D], gate_bias: [E, F] for a gated FFN (h = act(gate x) ⊙ fc1 x), else None.
     """
     act = activation_fn(activation)
+    pick = lambda t, e: None if t is None else t[e]  # noqa: E731
 
     def expert(e: int, xe: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-        b1 = None if fc1_bias is None else fc1_bias[e]
-        b2 = None if fc2_bias is None else fc2_bias[e]
-        h = _apply_dropout(act(F.linear(xe, fc1_weight[e], b1)), keep, dropout_p)
-        return F.linear(h, fc2_weight[e], b2)
+        u = F.linear(xe, fc1_weight[e], pick(fc1_bias, e))
+        h = act(u) if gate_weight is None else act(F.linear(xe, gate_weight[e], pick(gate_bias, e))) * u
+        return F.linear(_apply_dropout(h, keep, dropout_p), fc2_weight[e], pick(fc2_bias, e))
 
     return _per_expert_loop(x, indices, weights, expert, dropout_mask)

@@ -47,44 +47,93 @@ def unstack_up(grad: torch.Tensor, num_experts: int) -> torch.Tensor:
     return grad.view(grad.shape[0], num_experts, -1).permute(1, 0, 2).contiguous()
 
 
-def _segment_masks(indices: torch.Tensor, num_experts: int, rank: int, dtype: torch.dtype) -> torch.Tensor:
-    """[k, T, E·r]: for slot j, ones on the r columns of expert e_tj."""
-    one_hot = F.one_hot(indices.t(), num_experts).to(dtype)
+def _segment_masks(indices: torch.Tensor, num_experts: int, rank: int) -> torch.Tensor:
+    """bool [k, T, E·r]: for slot j, True on the r columns of expert e_tj."""
+    one_hot = F.one_hot(indices.t(), num_experts).bool()
     return one_hot.repeat_interleave(rank, dim=-1)
 
 
-def _stacked_factors(A1, B1, A2, B2):
-    return stack_down(A1), stack_up(B1), stack_down(A2), stack_up(B2)
+def _stacked_factors(*factors):
+    """(A, B) pairs → their stacked forms (`stack_down`, `stack_up`), None kept."""
+    return [stack_down(f) if i % 2 == 0 else stack_up(f) for i, f in enumerate(factors)]
 
 
-def _num_experts(A1, A2) -> int:
-    factor = A1 if A1 is not None else A2
-    return 0 if factor is None else factor.shape[0]
+def _first_factor(*factors) -> torch.Tensor | None:
+    return next((f for f in factors if f is not None), None)
 
 
-def _slot_masks(indices, A1, A2, dtype):
+def _slot_masks(indices, *down_factors):
     """Segment masks for whichever factors exist (None when the layer adapts nothing)."""
-    factor = A1 if A1 is not None else A2
-    return None if factor is None else _segment_masks(indices, factor.shape[0], factor.shape[1], dtype)
+    factor = _first_factor(*down_factors)
+    return None if factor is None else _segment_masks(indices, factor.shape[0], factor.shape[1])
+
+
+def _expand(base: torch.Tensor, U: torch.Tensor | None, seg_j: torch.Tensor, Bs: torch.Tensor | None,
+            scale: float):
+    """(base + s (U ⊙ seg_j) Bsᵀ, U ⊙ seg_j): one slot's pre-activation from the shared product `base`.
+
+    The mask is a `where`, not a product, so a non-finite token leaves only its own expert's columns
+    non-finite (NaN · 0 is NaN): the other experts' gradients stay clean, as in the reference.
+    """
+    if U is None:
+        return base, None
+    U_j = torch.where(seg_j, U, 0.0)
+    return torch.addmm(base, U_j, Bs.t(), alpha=scale), U_j
+
+
+def _finite_rows(product: torch.Tensor) -> torch.Tensor:
+    """bool [rows]: which rows of M are finite, read off `product = M @ N` for a finite N.
+
+    A NaN or inf anywhere in a row of M makes every entry of that row of the product non-finite, so
+    one column of a product the pass computes anyway replaces a scan of M.
+    """
+    return product[:, 0].isfinite() if product.shape[1] else torch.ones_like(product[:, 0], dtype=torch.bool)
+
+
+def _add_isolated(acc: torch.Tensor, small: torch.Tensor, big: torch.Tensor, finite: torch.Tensor,
+                  seg: torch.Tensor, alpha: float = 1.0) -> None:
+    """acc [E·r, n] += alpha · smallᵀ [E·r, rows] @ big [rows, n], token by token as the reference sums it.
+
+    Each token only reaches the columns of `small` its experts own (seg: bool [rows, E·r]), but a
+    non-finite row of `big` would spread NaN to every expert through the shared GEMM: such rows are
+    left out, and the experts that row belongs to get the NaN the reference gives them.
+    """
+    acc.addmm_(small.t(), torch.where(finite[:, None], big, 0.0), alpha=alpha)
+    poisoned = (seg & ~finite[:, None]).any(0)
+    acc.masked_fill_(poisoned[:, None], float("nan"))
 
 
 class _LowRankMoE(torch.autograd.Function):
+    """Plain (h = act(u)) and gated (h = act(g) ⊙ u) mixtures of low-rank experts; gated when Wg is given.
+
+    Inputs: x, indices, weights, W1, b1, W2, b2, A1, B1, A2, B2, scale, activation, keep, dropout_p,
+    Wg, bg, Ag, Bg (the gate's frozen weights and lora factors, None for a plain FFN).
+    """
+
     @staticmethod
-    def forward(ctx, x, indices, weights, W1, b1, W2, b2, A1, B1, A2, B2, scale, activation, keep, dropout_p):
+    def forward(ctx, x, indices, weights, W1, b1, W2, b2, A1, B1, A2, B2, scale, activation, keep, dropout_p,
+                Wg, bg, Ag, Bg):
         act = activation_fn(activation)
-        A1s, B1s, A2s, B2s = _stacked_factors(A1, B1, A2, B2)
-        seg = _slot_masks(indices, A1, A2, x.dtype)
+        A1s, B1s, A2s, B2s, Ags, Bgs = _stacked_factors(A1, B1, A2, B2, Ag, Bg)
+        seg = _slot_masks(indices, A1, A2, Ag)
         p = weights.to(x.dtype)
         keep_scale = 1.0 / (1.0 - dropout_p)
 
-        pre = F.linear(x, W1, b1)  # [T, F], the only [T, F] tensor saved for backward
+        pre = F.linear(x, W1, b1)  # [T, F]: x W1ᵀ + b1, saved for backward (and x W_gᵀ + b_g when gated)
+        pre_g = F.linear(x, Wg, bg) if Wg is not None else None
         U = x @ A1s.t() if A1 is not None else None  # [T, E·r]
+        Ug = x @ Ags.t() if Ag is not None else None
         mixed = torch.empty_like(pre)  # m = Σ_j p_j h_j
-        V = torch.zeros_like(seg[0]) if A2 is not None else None  # Σ_j p_j (h_j A2ᵀ ⊙ seg_j)
+        V = torch.zeros(x.shape[0], A2s.shape[0], dtype=x.dtype, device=x.device) if A2 is not None else None
         for rows in _chunks(x.shape[0], pre.shape[1], x.device):
             for j in range(indices.shape[1]):
-                z = pre[rows] if U is None else torch.addmm(pre[rows], U[rows] * seg[j, rows], B1s.t(), alpha=scale)
-                h = act(z)
+                seg_j = None if seg is None else seg[j, rows]
+                u, _ = _expand(pre[rows], None if U is None else U[rows], seg_j, B1s, scale)
+                if pre_g is None:
+                    h = act(u)
+                else:
+                    g, _ = _expand(pre_g[rows], None if Ug is None else Ug[rows], seg_j, Bgs, scale)
+                    h = act(g) * u
                 if keep is not None:
                     h = h * keep[rows, j, :] * keep_scale
                 pj = p[rows, j, None]
@@ -93,7 +142,7 @@ class _LowRankMoE(torch.autograd.Function):
                 else:
                     mixed[rows].addcmul_(h, pj)
                 if V is not None:
-                    V[rows].addcmul_(h @ A2s.t(), seg[j, rows] * pj)
+                    V[rows] += torch.where(seg_j, (h @ A2s.t()) * pj, 0.0)
         y = F.linear(mixed, W2)
         if V is not None:
             y.addmm_(V, B2s.t(), alpha=scale)
@@ -101,32 +150,40 @@ class _LowRankMoE(torch.autograd.Function):
             y.addcmul_(p.sum(-1, keepdim=True), b2)
 
         ctx.save_for_backward(x, indices, weights, W1, W2, b2, A1, B1, A2, B2, pre, U, V, keep,
-                              mixed if W2.requires_grad else None)
+                              mixed if W2.requires_grad else None, Wg, Ag, Bg, pre_g, Ug)
         ctx.config = (scale, activation, dropout_p)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, indices, weights, W1, W2, b2, A1, B1, A2, B2, pre, U, V, keep, mixed = ctx.saved_tensors
+        x, indices, weights, W1, W2, b2, A1, B1, A2, B2, pre, U, V, keep, mixed, Wg, Ag, Bg, pre_g, Ug = \
+            ctx.saved_tensors
         scale, activation, dropout_p = ctx.config
-        A1s, B1s, A2s, B2s = _stacked_factors(A1, B1, A2, B2)
-        seg = _slot_masks(indices, A1, A2, x.dtype)
+        A1s, B1s, A2s, B2s, Ags, Bgs = _stacked_factors(A1, B1, A2, B2, Ag, Bg)
+        seg = _slot_masks(indices, A1, A2, Ag)
         p = weights.to(x.dtype)
         keep_scale = 1.0 / (1.0 - dropout_p)
         g = grad_y.contiguous()
+        zeros = lambda t: None if t is None else torch.zeros_like(t)  # noqa: E731
 
         grad_mixed = g @ W2  # [T, F]
         gB2 = g @ B2s if A2 is not None else None  # [T, E·r]
-        grad_pre = torch.empty_like(pre)
-        grad_U = torch.zeros_like(U) if U is not None else None
-        grad_A2s = torch.zeros_like(A2s) if A2 is not None else None
-        grad_B1s = torch.zeros_like(B1s) if A1 is not None else None
+        grad_pre, grad_pre_g = torch.empty_like(pre), None if pre_g is None else torch.empty_like(pre_g)
+        grad_U, grad_Ug = zeros(U), zeros(Ug)
+        # the up-projection gradients accumulate transposed, as [E·r, n] like the down-projections'
+        grad_A2s = None if A2s is None else torch.zeros_like(A2s)
+        grad_B1s, grad_Bgs = (None if f is None else f.new_zeros(f.shape[1], f.shape[0]) for f in (B1s, Bgs))
         grad_p = torch.empty_like(p)
         for rows in _chunks(x.shape[0], pre.shape[1], x.device):
             for j in range(indices.shape[1]):
-                U_j = None if U is None else U[rows] * seg[j, rows]
-                z = pre[rows] if U_j is None else torch.addmm(pre[rows], U_j, B1s.t(), alpha=scale)
-                h, dact = activation_and_grad(activation, z)
+                seg_j = None if seg is None else seg[j, rows]
+                u, U_j = _expand(pre[rows], None if U is None else U[rows], seg_j, B1s, scale)
+                if pre_g is None:
+                    h, dact = activation_and_grad(activation, u)
+                else:
+                    z_g, Ug_j = _expand(pre_g[rows], None if Ug is None else Ug[rows], seg_j, Bgs, scale)
+                    a, dact = activation_and_grad(activation, z_g)
+                    h = a * u
                 if keep is not None:
                     kept = keep[rows, j, :].to(x.dtype) * keep_scale
                     h = h * kept
@@ -134,21 +191,19 @@ class _LowRankMoE(torch.autograd.Function):
                 grad_p[rows, j] = (h * grad_mixed[rows]).sum(-1)
                 grad_h = grad_mixed[rows] * pj
                 if A2 is not None:
-                    seg_j = seg[j, rows]
-                    grad_p[rows, j] += scale * ((h @ A2s.t()) * seg_j * gB2[rows]).sum(-1)
-                    grad_v = gB2[rows] * seg_j * (scale * pj)
+                    hA2 = h @ A2s.t()
+                    grad_p[rows, j] += scale * torch.where(seg_j, hA2 * gB2[rows], 0.0).sum(-1)
+                    grad_v = torch.where(seg_j, gB2[rows] * (scale * pj), 0.0)
                     grad_h.addmm_(grad_v, A2s)
-                    grad_A2s.addmm_(grad_v.t(), h)
+                    _add_isolated(grad_A2s, grad_v, h, _finite_rows(hA2), seg_j)
                 if keep is not None:
                     grad_h = grad_h * kept
-                grad_z = grad_h.mul_(dact)
-                if j == 0:
-                    grad_pre[rows] = grad_z
+                if pre_g is None:
+                    grad_u = grad_h.mul_(dact)
                 else:
-                    grad_pre[rows] += grad_z
-                if U_j is not None:
-                    grad_U[rows].addcmul_(grad_z @ B1s, seg[j, rows], value=scale)
-                    grad_B1s.addmm_(grad_z.t(), U_j, alpha=scale)
+                    grad_u, grad_zg = grad_h * a, grad_h.mul_(u).mul_(dact)
+                    _accumulate_slot(grad_pre_g, rows, j, grad_zg, Ug_j, Bgs, grad_Ug, grad_Bgs, seg_j, scale)
+                _accumulate_slot(grad_pre, rows, j, grad_u, U_j, B1s, grad_U, grad_B1s, seg_j, scale)
         if b2 is not None:
             grad_p += (g @ b2).unsqueeze(-1)
 
@@ -156,20 +211,48 @@ class _LowRankMoE(torch.autograd.Function):
         grad_x = None
         if need[0]:
             grad_x = grad_pre @ W1
-            if U is not None:
-                grad_x.addmm_(grad_U, A1s)
-        num_experts = _num_experts(A1, A2)
+            for grad_pre_proj, W in ((grad_pre_g, Wg), (grad_U, A1s), (grad_Ug, Ags)):
+                if grad_pre_proj is not None:
+                    grad_x.addmm_(grad_pre_proj, W)
+        routed = None if seg is None else seg.any(0)  # [T, E·r]: the columns of every expert a token uses
+        down_shared = _first_factor(U, Ug)  # x @ Aᵀ, which flags the non-finite rows of x
+        down_grad = lambda grad, A: _isolated(grad, x, _finite_rows(down_shared), routed).view_as(A)  # noqa: E731
+        up_grad = lambda grad_t: unstack_up(grad_t.t(), _first_factor(A1, A2, Ag).shape[0])  # noqa: E731
         return (
             grad_x,
             None,
             grad_p.to(weights.dtype) if need[2] else None,
             *frozen_ffn_grads(need, x, g, weights, grad_pre, mixed, b2),
-            (grad_U.t() @ x).view_as(A1) if A1 is not None and need[7] else None,
-            unstack_up(grad_B1s, num_experts) if A1 is not None and need[8] else None,
+            down_grad(grad_U, A1) if A1 is not None and need[7] else None,
+            up_grad(grad_B1s) if A1 is not None and need[8] else None,
             grad_A2s.view_as(A2) if A2 is not None and need[9] else None,
-            unstack_up(scale * (g.t() @ V), num_experts) if A2 is not None and need[10] else None,
+            up_grad(_isolated(V, g, _finite_rows(gB2), routed, scale)) if A2 is not None and need[10] else None,
             None, None, None, None,
+            grad_pre_g.t() @ x if Wg is not None and need[15] else None,
+            grad_pre_g.sum(0) if Wg is not None and need[16] else None,
+            down_grad(grad_Ug, Ag) if Ag is not None and need[17] else None,
+            up_grad(grad_Bgs) if Ag is not None and need[18] else None,
         )
+
+
+def _accumulate_slot(grad_pre, rows, j, grad_z, U_j, Bs, grad_U, grad_Bt, seg_j, scale) -> None:
+    """One slot's share of dL/d(pre-activation), dL/dU and the up-projection gradient (as [E·r, n])."""
+    if j == 0:
+        grad_pre[rows] = grad_z
+    else:
+        grad_pre[rows] += grad_z
+    if U_j is not None:
+        gzB = grad_z @ Bs
+        grad_U[rows] += torch.where(seg_j, gzB, 0.0) * scale
+        _add_isolated(grad_Bt, U_j, grad_z, _finite_rows(gzB), seg_j, alpha=scale)
+
+
+def _isolated(small: torch.Tensor, big: torch.Tensor, finite: torch.Tensor, seg: torch.Tensor,
+              alpha: float = 1.0) -> torch.Tensor:
+    """alpha · smallᵀ @ big [E·r, n], a non-finite row of `big` reaching only its own experts."""
+    acc = torch.zeros(small.shape[1], big.shape[1], dtype=big.dtype, device=big.device)
+    _add_isolated(acc, small, big, finite, seg, alpha)
+    return acc
 
 
 def frozen_ffn_grads(need: tuple[bool, ...], x: torch.Tensor, grad_y: torch.Tensor, weights: torch.Tensor,
@@ -206,7 +289,38 @@ def lowrank_moe(
 ) -> torch.Tensor:
     """Same contract as `reference.lowrank_moe_reference`; differentiable in every tensor."""
     return _LowRankMoE.apply(x, indices, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                             fc1_A, fc1_B, fc2_A, fc2_B, scale, activation, dropout_mask, dropout_p)
+                             fc1_A, fc1_B, fc2_A, fc2_B, scale, activation, dropout_mask, dropout_p,
+                             None, None, None, None)
+
+
+def gated_moe(
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor | None,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor | None,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor | None,
+    gate_A: torch.Tensor | None,
+    gate_B: torch.Tensor | None,
+    fc1_A: torch.Tensor | None,
+    fc1_B: torch.Tensor | None,
+    fc2_A: torch.Tensor | None,
+    fc2_B: torch.Tensor | None,
+    scale: float,
+    activation: str,
+    dropout_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Same contract as `reference.gated_moe_reference`; differentiable in every tensor.
+
+    W_g x and W1 x run once per token, W2 once on Σ_j p_j h_j, as in `lowrank_moe`.
+    """
+    return _LowRankMoE.apply(x, indices, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                             fc1_A, fc1_B, fc2_A, fc2_B, scale, activation, dropout_mask, dropout_p,
+                             gate_weight, gate_bias, gate_A, gate_B)
 
 
 def full_moe(
@@ -220,8 +334,10 @@ def full_moe(
     activation: str,
     dropout_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    gate_weight: torch.Tensor | None = None,
+    gate_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mixture of full experts, (token, slot) pairs grouped by expert: one GEMM pair per expert.
+    """Mixture of full experts, (token, slot) pairs grouped by expert: one GEMM pair (triple, gated) per expert.
 
     Same contract as `reference.full_moe_reference`; gradients from autograd.
     """
@@ -234,7 +350,11 @@ def full_moe(
     keep = None if dropout_mask is None else dropout_mask.reshape(pairs.shape[0], -1)[order]
     outputs = []
     for e, (rows, xs) in enumerate(zip(torch.arange(len(order), device=x.device).split(counts), x[token].split(counts))):
-        h = act(F.linear(xs, fc1_weight[e], None if fc1_bias is None else fc1_bias[e]))
+        u = F.linear(xs, fc1_weight[e], None if fc1_bias is None else fc1_bias[e])
+        if gate_weight is None:
+            h = act(u)
+        else:
+            h = act(F.linear(xs, gate_weight[e], None if gate_bias is None else gate_bias[e])) * u
         if keep is not None:
             h = h * keep[rows] / (1.0 - dropout_p)
         outputs.append(F.linear(h, fc2_weight[e], None if fc2_bias is None else fc2_bias[e]))

@@ -123,7 +123,7 @@ def lora_expand(pre, u, segment, b1t, scale, DOT: tl.constexpr, ACC: tl.constexp
 
 @triton.jit
 def activation(z, ACTIVATION: tl.constexpr):
-    """act(z) for the four layer activations (gelu: exact erf form); the compiler drops the unused act'."""
+    """act(z) for the layer activations (gelu: exact erf form); the compiler drops the unused act'."""
     h, _ = activation_and_grad(z, ACTIVATION)
     return h
 
@@ -146,6 +146,10 @@ def activation_and_grad(z, ACTIVATION: tl.constexpr):
     elif ACTIVATION == "relu":
         h = tl.maximum(z, 0.0)
         dh = tl.where(z > 0.0, 1.0, 0.0).to(z.dtype)
+    elif ACTIVATION == "quick_gelu":  # z σ(1.702 z)
+        sig = tl.sigmoid(1.702 * z)
+        h = z * sig
+        dh = sig * (1.0 + 1.702 * z * (1.0 - sig))
     else:
         sig = tl.sigmoid(z)
         h = z * sig

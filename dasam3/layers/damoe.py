@@ -12,11 +12,12 @@ from torch import nn
 
 from dasam3_kernels import aux_losses, random_route, resolve_backend
 from dasam3_kernels.activations import check_activation
-from dasam3_kernels.backends import Backend, check_backend_name, load_backend
+from dasam3_kernels.backends import Backend, check_backend_name, gated_unsupported, load_backend
 
 ROUTERS = ("learned", "random")
 EXPERT_TYPES = ("lowrank", "full")
 PROJECTIONS = ("fc1", "fc2")
+GATED_PROJECTIONS = ("gate", "fc1", "fc2")  # a gated FFN: fc2(act(gate(x)) ⊙ fc1(x))
 
 
 class Router(nn.Module):
@@ -62,7 +63,8 @@ class DAMoE(nn.Module):
 
     `layer(x, context=None) -> y`, x: [..., D], y: x's shape.  context: None, [B, context_dim] for
     x [B, ..., D] (broadcast to the sample's tokens) or [T, context_dim] (one row per token).
-    See SPEC section 1 for the exact formula; `backend` picks the implementation (SPEC section 2).
+    gated=True wraps a gated FFN `fc2(act(gate(x)) ⊙ fc1(x))` (SwiGLU, GeGLU); adapt then defaults to
+    ("gate", "fc1", "fc2").  docs/layer.md gives the exact formula, the parameters and the backends.
     """
 
     def __init__(
@@ -77,34 +79,43 @@ class DAMoE(nn.Module):
         activation: str = "gelu",
         context_dim: int = 0,
         dropout: float = 0.0,
-        adapt: Sequence[str] = PROJECTIONS,
+        adapt: Sequence[str] | None = None,
         router: str = "learned",
         expert_type: str = "lowrank",
         bias: bool = True,
+        gated: bool = False,
         backend: str = "auto",
         device=None,
         dtype=None,
-        _ffn: tuple[nn.Linear, nn.Linear] | None = None,
+        _ffn: tuple[nn.Linear, ...] | None = None,
     ):
         super().__init__()
+        projections = GATED_PROJECTIONS if gated else PROJECTIONS
+        adapt = projections if adapt is None else adapt
         _check_config(d_model, d_ff, num_experts, top_k, rank, activation, context_dim, dropout, adapt,
-                      router, expert_type, backend)
+                      router, expert_type, backend, projections)
         self.d_model, self.d_ff = d_model, d_ff
         self.num_experts, self.top_k, self.rank = num_experts, top_k, rank
         self.alpha = float(rank if alpha is None else alpha)
         self.scale = self.alpha / rank
         self.activation, self.context_dim, self.dropout = activation, context_dim, float(dropout)
-        self.adapt = tuple(p for p in PROJECTIONS if p in adapt)
+        self.gated, self.projections = bool(gated), projections
+        self.adapt = tuple(p for p in projections if p in adapt)
         self.router_type, self.expert_type, self.backend = router, expert_type, backend
         if backend not in ("auto", "reference", "torch"):
-            load_backend(backend)  # fail now, with what is missing, not at the first forward
+            loaded = load_backend(backend)  # fail now, with what is missing, not at the first forward
+            if gated and expert_type == "lowrank" and loaded.gated_moe is None:
+                raise gated_unsupported(backend)
 
         if _ffn is None:
             factory = {"device": device, "dtype": dtype}
             _ffn = (nn.Linear(d_model, d_ff, bias=bias, **factory), nn.Linear(d_ff, d_model, bias=bias, **factory))
-        self.fc1, self.fc2 = _ffn
-        self.fc1.requires_grad_(False)
-        self.fc2.requires_grad_(False)
+            if gated:
+                _ffn += (nn.Linear(d_model, d_ff, bias=bias, **factory),)
+        self.fc1, self.fc2 = _ffn[:2]
+        self.gate = _ffn[2] if gated else None
+        for name in projections:
+            getattr(self, name).requires_grad_(False)
         factory = {"device": self.fc1.weight.device if device is None else device,
                    "dtype": self.fc1.weight.dtype if dtype is None else dtype}
 
@@ -114,11 +125,11 @@ class DAMoE(nn.Module):
             self.router = RandomRouter(num_experts, top_k)
         if expert_type == "lowrank":
             for name in self.adapt:
-                n_in, n_out = (d_model, d_ff) if name == "fc1" else (d_ff, d_model)
+                n_in, n_out = (d_ff, d_model) if name == "fc2" else (d_model, d_ff)
                 setattr(self, f"{name}_lora_A", nn.Parameter(torch.empty(num_experts, rank, n_in, **factory)))
                 setattr(self, f"{name}_lora_B", nn.Parameter(torch.empty(num_experts, n_out, rank, **factory)))
         else:
-            for name in PROJECTIONS:
+            for name in projections:
                 base = getattr(self, name)
                 setattr(self, f"expert_{name}_weight",
                         nn.Parameter(torch.empty(num_experts, *base.weight.shape, **factory)))
@@ -130,25 +141,32 @@ class DAMoE(nn.Module):
         self.reset_parameters()
 
     @classmethod
-    def from_ffn(cls, fc1: nn.Linear, fc2: nn.Linear, activation: str = "gelu", **kwargs) -> "DAMoE":
-        """Upcycle a pretrained FFN `fc2(act(fc1(x)))`: the layer holds (and freezes) these modules.
+    def from_ffn(cls, fc1: nn.Linear, fc2: nn.Linear, activation: str = "gelu", *, gate: nn.Linear | None = None,
+                 **kwargs) -> "DAMoE":
+        """Upcycle a pretrained FFN `fc2(act(fc1(x)))`, or with `gate` the gated `fc2(act(gate(x)) ⊙ fc1(x))`
+        (HF: gate=gate_proj, fc1=up_proj, fc2=down_proj): the layer holds (and freezes) these modules.
 
         At initialisation every expert equals the FFN, so the layer reproduces it exactly.
         """
-        if not (isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear)):
-            raise ValueError(f"from_ffn expects two nn.Linear, got {type(fc1).__name__} and {type(fc2).__name__}")
+        modules = {"fc1": fc1, "fc2": fc2, **({"gate": gate} if gate is not None else {})}
+        wrong = {n: type(m).__name__ for n, m in modules.items() if not isinstance(m, nn.Linear)}
+        if wrong:
+            raise ValueError(f"from_ffn expects nn.Linear modules, got {wrong}")
         if fc2.in_features != fc1.out_features or fc2.out_features != fc1.in_features:
             raise ValueError(
                 f"fc2 must map d_ff={fc1.out_features} back to d_model={fc1.in_features}, "
                 f"got fc2 [{fc2.out_features}, {fc2.in_features}]"
             )
+        if gate is not None and gate.weight.shape != fc1.weight.shape:
+            raise ValueError(f"gate must have fc1's shape [d_ff, d_model] = {list(fc1.weight.shape)}, "
+                             f"got gate {list(gate.weight.shape)}")
         if (fc1.bias is None) != (fc2.bias is None):
             raise ValueError("fc1 and fc2 must both have a bias or both have none")
-        for key in ("d_model", "d_ff", "bias"):
+        for key in ("d_model", "d_ff", "bias", "gated"):
             if key in kwargs:
                 raise ValueError(f"from_ffn takes {key} from the given modules, got {key}={kwargs[key]!r}")
         return cls(fc1.in_features, fc1.out_features, activation=activation, bias=fc1.bias is not None,
-                   _ffn=(fc1, fc2), **kwargs)
+                   gated=gate is not None, _ffn=tuple(modules.values()), **kwargs)
 
     def reset_parameters(self) -> None:
         """Initialise the trainable parameters; the frozen FFN is left as it is."""
@@ -160,7 +178,7 @@ class DAMoE(nn.Module):
                 for expert in A:  # independent Kaiming draws per expert, as nn.Linear/PEFT do
                     nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
                 nn.init.zeros_(B)
-            for name in PROJECTIONS if self.expert_type == "full" else ():
+            for name in self.projections if self.expert_type == "full" else ():
                 base = getattr(self, name)
                 getattr(self, f"expert_{name}_weight").copy_(base.weight.expand_as(getattr(self, f"expert_{name}_weight")))
                 if base.bias is not None:
@@ -183,7 +201,7 @@ class DAMoE(nn.Module):
         compute_dtype = _autocast_dtype(x.device) or x.dtype
         dropout_active = self.training and self.dropout > 0
         backend = resolve_backend(self.backend, x.device, full_experts=self.expert_type == "full",
-                                  dropout=dropout_active)
+                                  dropout=dropout_active, gated=self.gated)
         if dropout_active and self.backend not in ("auto", backend.name):
             _warn_once(f"backend {self.backend!r} has no dropout; training with dropout runs the torch path")
 
@@ -201,12 +219,14 @@ class DAMoE(nn.Module):
         cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731 (autocast's casts, done once)
         dropout = {"dropout_mask": keep, "dropout_p": self.dropout} if keep is not None else {}
         if self.expert_type == "full":
-            tensors = [getattr(self, f"expert_{n}_{w}", None) for n in PROJECTIONS for w in ("weight", "bias")]
-            return backend.full_moe(x, indices, weights, *map(cast, tensors), self.activation, **dropout)
-        frozen = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
-        lora = [self._lora(n, f) for n in PROJECTIONS for f in ("A", "B")]
-        return backend.lowrank_moe(x, indices, weights, *map(cast, frozen), *map(cast, lora), self.scale,
-                                   self.activation, **dropout)
+            expert = lambda n, w: cast(getattr(self, f"expert_{n}_{w}", None))  # noqa: E731
+            tensors = [expert(n, w) for n in PROJECTIONS for w in ("weight", "bias")]
+            gate = {"gate_weight": expert("gate", "weight"), "gate_bias": expert("gate", "bias")} if self.gated else {}
+            return backend.full_moe(x, indices, weights, *tensors, self.activation, **dropout, **gate)
+        frozen = [t for n in self.projections for t in (getattr(self, n).weight, getattr(self, n).bias)]
+        lora = [self._lora(n, f) for n in self.projections for f in ("A", "B")]
+        op = backend.gated_moe if self.gated else backend.lowrank_moe
+        return op(x, indices, weights, *map(cast, frozen), *map(cast, lora), self.scale, self.activation, **dropout)
 
     def _check_input(self, x: torch.Tensor, context: torch.Tensor | None) -> None:
         if x.dim() == 0 or x.shape[-1] != self.d_model:
@@ -237,7 +257,7 @@ class DAMoE(nn.Module):
         return (f"d_model={self.d_model}, d_ff={self.d_ff}, num_experts={self.num_experts}, top_k={self.top_k}, "
                 f"rank={self.rank}, alpha={self.alpha:g}, activation={self.activation!r}, "
                 f"context_dim={self.context_dim}, adapt={self.adapt}, router={self.router_type!r}, "
-                f"expert_type={self.expert_type!r}, backend={self.backend!r}")
+                f"expert_type={self.expert_type!r}, gated={self.gated}, backend={self.backend!r}")
 
 
 def resolve_use_context(use_context: bool | None, router: str) -> bool:
@@ -253,7 +273,7 @@ def resolve_use_context(use_context: bool | None, router: str) -> bool:
 
 
 def _check_config(d_model, d_ff, num_experts, top_k, rank, activation, context_dim, dropout, adapt, router,
-                  expert_type, backend) -> None:
+                  expert_type, backend, projections) -> None:
     for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
@@ -266,8 +286,9 @@ def _check_config(d_model, d_ff, num_experts, top_k, rank, activation, context_d
         raise ValueError(f"context_dim must be >= 0, got {context_dim}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    if isinstance(adapt, str) or not set(adapt) <= set(PROJECTIONS):
-        raise ValueError(f"adapt must be a subset of {PROJECTIONS}, got {adapt!r}")
+    if isinstance(adapt, str) or not set(adapt) <= set(projections):
+        gate_hint = " ('gate' needs gated=True)" if not isinstance(adapt, str) and "gate" in adapt else ""
+        raise ValueError(f"adapt must be a subset of {projections}{gate_hint}, got {adapt!r}")
     if router not in ROUTERS:
         raise ValueError(f"router must be one of {ROUTERS}, got {router!r}")
     if expert_type not in EXPERT_TYPES:

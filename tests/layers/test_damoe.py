@@ -33,16 +33,17 @@ def twin(layer: DAMoE, backend: str) -> DAMoE:
     kwargs = dict(num_experts=layer.num_experts, top_k=layer.top_k, rank=layer.rank, alpha=layer.alpha,
                   activation=layer.activation, context_dim=layer.context_dim, dropout=layer.dropout,
                   adapt=layer.adapt, router=layer.router_type, expert_type=layer.expert_type,
-                  bias=layer.fc1.bias is not None, dtype=layer.fc1.weight.dtype)
+                  bias=layer.fc1.bias is not None, gated=layer.gated, dtype=layer.fc1.weight.dtype)
     other = DAMoE(layer.d_model, layer.d_ff, backend=backend, **kwargs)
     other.load_state_dict(layer.state_dict())
     return other.train(layer.training)
 
 
-def outputs_and_grads(layer: DAMoE, x: torch.Tensor, context: torch.Tensor | None):
+def outputs_and_grads(layer: DAMoE, x: torch.Tensor, context: torch.Tensor | None, call=None):
+    """y and the gradients of a fixed loss; `call` runs the layer instead of `layer` (a compiled one)."""
     x = x.detach().clone().requires_grad_()
     context = None if context is None else context.detach().clone().requires_grad_()
-    y = layer(x, context)
+    y = (layer if call is None else call)(x, context)
     loss = (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum() + layer.aux["balance"] + layer.aux["sparse"]
     leaves = {"x": x, **({"context": context} if context is not None else {}),
               **{n: p for n, p in layer.named_parameters() if p.requires_grad}}
@@ -342,6 +343,7 @@ def test_state_dict_round_trip():
         (dict(expert_type="dense"), r"expert_type must be one of .*'lowrank'.*got 'dense'"),
         (dict(backend="mlx"), r"backend must be one of .*'torch'.*got 'mlx'"),
         (dict(adapt=("fc3",)), r"adapt must be a subset of .*got \('fc3',\)"),
+        (dict(adapt=("gate", "fc1")), r"adapt must be a subset of \('fc1', 'fc2'\) \('gate' needs gated=True\)"),
         (dict(dropout=1.0), r"dropout must be in \[0, 1\), got 1.0"),
     ],
 )
@@ -407,3 +409,182 @@ def test_named_backend_on_the_wrong_device_is_a_runtime_error(loaders):
     with pytest.raises(RuntimeError, match=r"backend 'cpu' cannot run on cpu: needs a GPU"):
         layer(torch.randn(3, 16))
     assert DAMoE(16, 24, backend="auto")(torch.randn(3, 16)).shape == (3, 16)
+
+
+# -- gated experts (SwiGLU / GeGLU) ------------------------------------------------------------------
+
+
+def test_gated_layer_parameters_follow_the_spec():
+    layer = DAMoE(64, 96, num_experts=3, rank=5, gated=True)
+    assert layer.adapt == ("gate", "fc1", "fc2")
+    shapes = {n: tuple(p.shape) for n, p in layer.named_parameters()}
+    assert shapes["gate.weight"] == (96, 64) and shapes["gate.bias"] == (96,)
+    assert shapes["gate_lora_A"] == (3, 5, 64) and shapes["gate_lora_B"] == (3, 96, 5)
+    bound = 1 / math.sqrt(64)  # initialised like fc1's factors
+    assert 0.9 * bound < layer.gate_lora_A.abs().max() <= bound
+    assert not torch.allclose(layer.gate_lora_A[0], layer.gate_lora_A[1])
+    assert (layer.gate_lora_B == 0).all()
+    frozen = {n for n, p in layer.named_parameters() if not p.requires_grad}
+    assert frozen == {"gate.weight", "gate.bias", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
+    assert "gate_lora_A" not in dict(DAMoE(8, 16, gated=True, adapt=("fc1", "fc2")).named_parameters())
+    assert DAMoE(8, 16).gate is None
+
+
+def _llama_mlp():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    return LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=44, hidden_act="silu", num_attention_heads=2,
+                                num_key_value_heads=2))
+
+
+def test_gated_from_ffn_reproduces_llama_mlp():
+    mlp = _llama_mlp()
+    layer = DAMoE.from_ffn(mlp.up_proj, mlp.down_proj, "silu", gate=mlp.gate_proj, context_dim=3)
+    assert layer.gate is mlp.gate_proj and layer.fc1 is mlp.up_proj and layer.fc2 is mlp.down_proj
+    x = torch.randn(2, 7, 16)
+    assert_close(layer(x, torch.randn(2, 3)), mlp(x), 1e-5, "LLaMA MLP at init")
+
+
+@pytest.mark.parametrize("activation,torch_act", [("gelu", nn.GELU()), ("gelu_tanh", nn.GELU("tanh")),
+                                                  ("quick_gelu", lambda z: z * torch.sigmoid(1.702 * z))])
+def test_gated_from_ffn_reproduces_geglu(activation, torch_act):
+    gate, up, down = nn.Linear(12, 30), nn.Linear(12, 30), nn.Linear(30, 12)
+    layer = DAMoE.from_ffn(up, down, activation, gate=gate)
+    x = torch.randn(9, 12)
+    assert_close(layer(x), down(torch_act(gate(x)) * up(x)), 1e-5, f"{activation} GLU at init")
+
+
+def test_gated_from_ffn_rejects_mismatched_gate():
+    with pytest.raises(ValueError, match=r"gate must have fc1's shape \[d_ff, d_model\] = \[30, 12\], got gate \[31, 12\]"):
+        DAMoE.from_ffn(nn.Linear(12, 30), nn.Linear(30, 12), gate=nn.Linear(12, 31))
+    with pytest.raises(ValueError, match="nn.Linear modules, got {'gate': 'Identity'}"):
+        DAMoE.from_ffn(nn.Linear(12, 30), nn.Linear(30, 12), gate=nn.Identity())
+
+
+@pytest.mark.parametrize("layout", ["batched-per-sample-context", "no-context"])
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_gated_layer_torch_matches_reference(layout: str, activation: str):
+    context_dim = 0 if layout == "no-context" else 6
+    layer = perturbed(DAMoE(16, 40, num_experts=4, top_k=2, rank=4, alpha=8, context_dim=context_dim,
+                            activation=activation, gated=True, backend="reference"))
+    x = torch.randn(3, 5, 16)
+    context = None if not context_dim else torch.randn(3, context_dim)
+    y_ref, grads_ref = outputs_and_grads(layer, x, context)
+    y, grads = outputs_and_grads(twin(layer, "torch"), x, context)
+    assert_close(y, y_ref, 1e-4, "output")
+    assert grads.keys() == grads_ref.keys() and "gate_lora_A" in grads
+    for name in grads_ref:
+        assert_close(grads[name], grads_ref[name], 1e-4, f"d{name}")
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_gated_layer_float64_gradcheck(backend: str):
+    layer = perturbed(DAMoE(6, 10, num_experts=3, top_k=2, rank=2, context_dim=4, gated=True, activation="silu",
+                            backend=backend, dtype=torch.float64))
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    context = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    params = [layer.gate_lora_A, layer.gate_lora_B, layer.fc1_lora_B, layer.fc2_lora_A, layer.router.token_proj.weight]
+
+    def fn(x, context, *_):
+        return layer(x, context)
+
+    assert torch.autograd.gradcheck(fn, (x, context, *params))
+
+
+@pytest.mark.parametrize(
+    "kwargs,make_input",
+    [
+        (dict(), lambda: torch.randn(0, 16)),
+        (dict(), lambda: torch.randn(1, 16)),
+        (dict(num_experts=3, top_k=3), lambda: torch.randn(9, 16)),
+        (dict(rank=1, bias=False), lambda: torch.randn(9, 16)),
+        (dict(), lambda: torch.randn(16, 9).t()),
+        (dict(adapt=("gate",)), lambda: torch.randn(9, 16)),
+        (dict(dropout=0.3), lambda: torch.randn(9, 16)),
+    ],
+    ids=["0-tokens", "1-token", "k=E", "rank-1-no-bias", "non-contiguous", "gate-only", "dropout"],
+)
+def test_gated_configuration_edge_cases(kwargs, make_input):
+    layer = perturbed(DAMoE(16, 24, gated=True, activation="silu", **kwargs))
+    x, reference = make_input(), twin(layer, "reference")
+    torch.manual_seed(3)
+    y, grads = outputs_and_grads(layer, x, None)
+    torch.manual_seed(3)  # the same dropout mask
+    y_ref, grads_ref = outputs_and_grads(reference, x, None)
+    assert_close(y, y_ref, 1e-4, "output")
+    for name in grads_ref:
+        assert_close(grads[name], grads_ref[name], 1e-4, f"d{name}")
+
+
+def test_gated_all_tokens_to_one_expert_odd_sizes():
+    layer = perturbed(DAMoE(13, 37, num_experts=3, gated=True, activation="silu"))
+    with torch.no_grad():
+        layer.router.token_proj.bias.copy_(torch.tensor([0.0, 50.0, 0.0]))
+    x = torch.randn(3, 7, 13)
+    y, grads = outputs_and_grads(layer, x, None)
+    assert (layer.last_routing["indices"][:, 0] == 1).all()
+    y_ref, grads_ref = outputs_and_grads(twin(layer, "reference"), x, None)
+    assert_close(y, y_ref, 1e-4, "output")
+    for name in grads_ref:
+        assert_close(grads[name], grads_ref[name], 1e-4, f"d{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gated_low_precision_under_cpu_autocast(dtype):
+    layer = perturbed(DAMoE(16, 48, context_dim=4, gated=True, activation="silu"))
+    x, context = torch.randn(2, 9, 16), torch.randn(2, 4)
+    y_ref, grads_ref = outputs_and_grads(twin(layer, "reference"), x, context)
+    with torch.autocast("cpu", dtype=dtype):
+        y, grads = outputs_and_grads(layer, x, context)
+    assert y.dtype == dtype
+    assert_close(y, y_ref, 2e-2, "output")
+    for name in ("x", "gate_lora_A", "gate_lora_B", "fc1_lora_A", "fc2_lora_B", "router.token_proj.weight"):
+        assert_close(grads[name], grads_ref[name], 2e-2, f"d{name}")
+
+
+def test_gated_full_experts_start_as_the_ffn_and_match_the_reference():
+    mlp = _llama_mlp()
+    layer = DAMoE.from_ffn(mlp.up_proj, mlp.down_proj, "silu", gate=mlp.gate_proj, expert_type="full", num_experts=3)
+    assert layer.expert_gate_weight.shape == (3, 44, 16)
+    x = torch.randn(2, 4, 16)
+    assert_close(layer(x), mlp(x), 1e-5, "full gated experts at init")
+    perturbed(layer)
+    y_ref, grads_ref = outputs_and_grads(twin(layer, "reference"), x, None)
+    y, grads = outputs_and_grads(twin(layer, "torch"), x, None)
+    assert_close(y, y_ref, 1e-4, "output")
+    for name in grads_ref:
+        assert_close(grads[name], grads_ref[name], 1e-4, f"d{name}")
+
+
+def test_gated_layer_on_auto_runs_a_backend_with_gated_kernels(loaders):
+    from dasam3_kernels import resolve_backend
+    from dasam3_kernels.backends import Backend
+
+    loaders("cpu", lambda: Backend("cpu", lowrank_moe_reference))  # a fused backend without a gated kernel
+    assert resolve_backend("auto", torch.device("cpu"), gated=True).name == "torch"
+    assert resolve_backend("auto", torch.device("cpu")).name == "cpu"
+    layer = perturbed(DAMoE(16, 24, gated=True))
+    x = torch.randn(5, 16)
+    assert_close(layer(x), twin(layer, "reference")(x), 1e-5, "gated layer on auto")
+
+
+def test_gated_layer_on_a_fused_backend_by_name_is_a_runtime_error(loaders):
+    from dasam3_kernels.backends import Backend
+
+    loaders("cpu", lambda: Backend("cpu", lowrank_moe_reference))
+    with pytest.raises(RuntimeError, match=r"backend 'cpu' has no gated-FFN \(SwiGLU/GeGLU\) kernel yet.*'torch'"):
+        DAMoE(16, 24, gated=True, backend="cpu")
+    assert DAMoE(16, 24, backend="cpu").gate is None  # plain layers still run there
+
+
+def test_gated_layer_compiles_with_dynamic_shapes():
+    layer = perturbed(DAMoE(16, 24, gated=True, activation="silu", backend="torch"))
+    compiled = torch.compile(layer, dynamic=True, backend="aot_eager")  # inductor's C++ build is too slow for CI
+    for tokens in (5, 9):
+        x = torch.randn(2, tokens, 16)
+        y, grads = outputs_and_grads(layer, x, None, call=compiled)
+        y_ref, grads_ref = outputs_and_grads(twin(layer, "reference"), x, None)
+        assert_close(y, y_ref, 1e-4, f"compiled output, {tokens} tokens")
+        for name in grads_ref:
+            assert_close(grads[name], grads_ref[name], 1e-4, f"compiled d{name}")
