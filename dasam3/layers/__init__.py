@@ -2,6 +2,7 @@
 
 from .context import ConceptConcat, ConceptContext
 from .damoe import DAMoE, RandomRouter, Router
+from .layouts import FFNLayout, ffn_layouts, register_ffn_layout, unregister_ffn_layout
 from .patch import ContextSlot, PatchedFFN, hierarchical_layers, patch_ffn
 from .training import (ParamReport, aux_loss, damoe_layers, freeze_all_but, mark_trainable, param_report,
                        trainable_parameters)
@@ -11,16 +12,20 @@ __all__ = [
     "ConceptContext",
     "ContextSlot",
     "DAMoE",
+    "FFNLayout",
     "ParamReport",
     "PatchedFFN",
     "RandomRouter",
     "Router",
     "aux_loss",
     "damoe_layers",
+    "ffn_layouts",
     "freeze_all_but",
     "hierarchical_layers",
     "mark_trainable",
     "param_report",
     "patch_ffn",
+    "register_ffn_layout",
     "trainable_parameters",
+    "unregister_ffn_layout",
 ]

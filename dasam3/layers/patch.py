@@ -1,20 +1,20 @@
-"""Dropping the DA-MoE layer into other transformers: `patch_ffn` upcycles the FFNs of common blocks.
+"""Dropping the DA-MoE layer into other transformers: `patch_ffn` upcycles the FFNs of the blocks it knows.
 
-Supported blocks, and how each is patched (the block's activation is kept; its frozen weights are the
-layer's `fc1`/`fc2`, so every expert equals the FFN at initialisation):
+The blocks and how each is patched are `layouts.py`'s (a registry users extend with
+`register_ffn_layout`).  The block's activation is kept and its frozen weights become the layer's
+`gate`/`fc1`/`fc2`, so every expert equals the FFN at initialisation; each patch is checked on a probe
+input against the block, so a block whose forward is not its layout's FFN is refused rather than changed.
 
-* FFN containers, replaced in their parent by the DA-MoE layer: timm's `Mlp` (fc1/act/drop1/fc2/drop2),
-  segment-anything's `MLPBlock` (lin1/act/lin2) and Hugging Face style MLPs (`fc1`/`fc2` with an
-  `activation_fn`/`act_fn`/`act`/`activation` and an optional hidden `dropout`).  The replacement is
-  checked on a probe input against the block it replaces, so a container whose forward is not
-  `fc2(act(fc1(x)))` is refused rather than silently changed.
-* Layers that compute their FFN inline as `linear2(dropout(activation(linear1(x))))`: torch's
-  `nn.TransformerEncoderLayer` / `nn.TransformerDecoderLayer` and the `sam3` package's encoder
-  `TransformerEncoderLayer`.  `linear1` becomes the DA-MoE layer (holding the original `linear1` and
-  `linear2` as its `fc1`/`fc2`); `activation`, `dropout` and `linear2` become identities.  The fused
-  inference fast path of `nn.TransformerEncoderLayer` (and the nested-tensor path of an enclosing
-  `nn.TransformerEncoder`) read `linear1.weight` directly and would bypass the experts, so both are
-  switched off on patched layers.
+* FFN containers (timm `Mlp`/`SwiGLU`/`GluMlp`, segment-anything `MLPBlock`, transformers' LLaMA-style,
+  Phi-3, T5, GPT-2, CLIP-style MLPs, torchvision's `MLPBlock`) are replaced in their parent.
+* Layers that compute their FFN inline as `linear2(dropout(activation(linear1(x))))` (torch's
+  `nn.TransformerEncoderLayer` / `nn.TransformerDecoderLayer`, the `sam3` package's encoder layer):
+  `linear1` becomes the DA-MoE layer and `activation`, `dropout`, `linear2` identities.  Their fused
+  inference fast path and the nested-tensor path of an enclosing `nn.TransformerEncoder` read
+  `linear1.weight` directly and would bypass the experts, so both are switched off; padded positions
+  still get what the nested path gives them.
+* BERT/ViT-style layers (`intermediate.dense` then `output.dense` + residual + LayerNorm): `intermediate`
+  becomes the DA-MoE layer and `output.dense` an identity, so the residual and the norm stay outside.
 
 These blocks have no concept context of their own: their routers see the token alone, unless a
 `ContextSlot` is given, which the caller fills (`with slot.provide(context): model(x)`) or a hook does.
@@ -33,6 +33,7 @@ from torch import nn
 from dasam3_kernels.activations import ACTIVATIONS, activation_fn
 
 from .damoe import DAMoE
+from .layouts import FFNLayout, match, resolve, supported_names
 
 _PROBE = torch.linspace(-6.0, 6.0, 481)
 
@@ -62,7 +63,7 @@ def select_layers(num_layers: int, layers: str | Sequence[int] | None) -> list[i
 
 
 def identify_activation(fn: Callable[[torch.Tensor], torch.Tensor]) -> str:
-    """The name of DAMoE's activation that `fn` computes ("gelu", "gelu_tanh", "relu" or "silu").
+    """The name of DAMoE's activation that `fn` computes (one of `dasam3_kernels.ACTIVATIONS`).
 
     Identified numerically on a probe, so any library's module or function for these works
     (nn.GELU, F.relu, transformers' GELUActivation, timm's GELU, ...).
@@ -160,76 +161,39 @@ class PatchedFFN(DAMoE):
         return self.output_dropout(super().forward(x, context))
 
 
-# -- block layouts -----------------------------------------------------------------------------------
+# -- finding the FFN blocks -------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class _Layout:
-    """Where a block keeps its FFN.  inline: the FFN is computed inside a larger layer's forward."""
+class FoundBlock:
+    """An FFN block under the patched module: its qualified name, the module, its layout (None for a DA-MoE
+    layer found in place of a container), and whether a DA-MoE layer already stands in for its FFN."""
 
-    fc1: str
-    fc2: str
-    activation: str
-    hidden_dropout: str | None = None
-    output_dropout: str | None = None
-    inline: bool = False
-
-
-_TORCH_LAYER = _Layout("linear1", "linear2", "activation", "dropout", inline=True)
-_TIMM_MLP = _Layout("fc1", "fc2", "act", "drop1", "drop2")
-_SAM_MLP = _Layout("lin1", "lin2", "act")
-_HF_ACTIVATIONS = ("activation_fn", "act_fn", "act", "activation")
+    name: str
+    block: nn.Module
+    layout: FFNLayout | None
+    patched: bool
 
 
-def _linear(module: nn.Module, name: str) -> bool:
-    return isinstance(getattr(module, name, None), nn.Linear)
-
-
-def _is_sam3_package_encoder_layer(module: nn.Module) -> bool:
-    cls = type(module)
-    return cls.__module__ == "sam3.model.encoder" and cls.__name__ == "TransformerEncoderLayer"
-
-
-def _layout(module: nn.Module) -> _Layout | None:
-    """The FFN layout of `module`, or None if it is not an FFN block this helper knows."""
-    if isinstance(module, DAMoE):
-        return None
-    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) \
-            or _is_sam3_package_encoder_layer(module):
-        return _TORCH_LAYER
-    if _linear(module, "lin1") and _linear(module, "lin2") and callable(getattr(module, "act", None)):
-        return _SAM_MLP
-    if not (_linear(module, "fc1") and _linear(module, "fc2")):
-        return None
-    if all(hasattr(module, n) for n in ("act", "drop1", "norm", "drop2")):
-        if not isinstance(module.norm, nn.Identity):
-            raise ValueError(f"cannot patch {type(module).__name__}: it normalises its hidden layer "
-                             f"(norm={module.norm!r}), which DAMoE does not model")
-        return _TIMM_MLP
-    act = next((n for n in _HF_ACTIVATIONS if callable(getattr(module, n, None))), None)
-    if act is None:
-        return None
-    dropout = "dropout" if isinstance(getattr(module, "dropout", None), nn.Dropout) else None
-    return _Layout("fc1", "fc2", act, dropout)
-
-
-def find_ffn_blocks(module: nn.Module) -> list[tuple[str, nn.Module, _Layout]]:
-    """The supported FFN blocks under `module` (itself included), outermost first, in module order."""
-    found: list[tuple[str, nn.Module, _Layout]] = []
-    inside: list[str] = []
+def find_ffn_blocks(module: nn.Module) -> list[FoundBlock]:
+    """The FFN blocks under `module` (itself included), outermost first, in module order."""
+    found: list[FoundBlock] = []
     for name, sub in module.named_modules():
-        if any(name.startswith(prefix + ".") for prefix in inside):
+        if any(name.startswith(f"{f.name}.") or not f.name for f in found):
             continue
-        layout = _layout(sub)
+        if isinstance(sub, DAMoE):
+            found.append(FoundBlock(name, sub, None, True))
+            continue
+        layout = match(sub)
         if layout is not None:
-            found.append((name, sub, layout))
-            inside.append(name)
+            replaced = resolve(sub, layout.replace) if layout.replace else None
+            found.append(FoundBlock(name, sub, layout, isinstance(replaced, DAMoE)))
     return found
 
 
 # -- patching ----------------------------------------------------------------------------------------
 
-_TAKEN_FROM_BLOCK = ("d_model", "d_ff", "bias", "activation", "dropout", "context_dim")
+_TAKEN_FROM_BLOCK = ("d_model", "d_ff", "bias", "activation", "dropout", "context_dim", "gated")
 
 
 def patch_ffn(module: nn.Module, layers: str | Sequence[int] | Sequence[str] | None = None, *,
@@ -240,8 +204,9 @@ def patch_ffn(module: nn.Module, layers: str | Sequence[int] | Sequence[str] | N
     found, in module order), 0-based indices into the blocks found, or the blocks' qualified names.
     context: a ContextSlot the routers read (context_dim = context.dim); None: token-only routers.
     damoe_kwargs: DAMoE's keywords (num_experts, top_k, rank, alpha, router, expert_type, adapt,
-    backend); the dimensions, activation and dropout come from the block.
-    Returns the qualified names of the new DA-MoE layers (`module.get_submodule(name)` gives each).
+    backend); the dimensions, activation, gating and dropout come from the block.
+    All or nothing: when a block cannot be patched nothing is changed.  Each new layer takes the training
+    mode of the module it replaces.  Returns the qualified names of the new DA-MoE layers.
     """
     taken = sorted(set(damoe_kwargs) & set(_TAKEN_FROM_BLOCK))
     if taken:
@@ -250,85 +215,215 @@ def patch_ffn(module: nn.Module, layers: str | Sequence[int] | Sequence[str] | N
     blocks = find_ffn_blocks(module)
     if not blocks:
         raise ValueError(f"no supported FFN block found in {type(module).__name__} (supported: "
-                         "nn.TransformerEncoderLayer/DecoderLayer, timm Mlp, segment-anything MLPBlock, "
-                         "fc1/fc2 MLPs, the sam3 package's TransformerEncoderLayer)")
-    patched = []
-    for name, block, layout in _chosen(blocks, layers):
-        patched.append(_patch_block(module, name, block, layout, context, damoe_kwargs))
-    _disable_nested_tensor_paths(module)
-    return patched
+                         f"{', '.join(supported_names())}); for another block, register its layout with "
+                         "dasam3.layers.register_ffn_layout(...) or upcycle it by hand with DAMoE.from_ffn")
+    chosen = _chosen(blocks, layers)
+    patched = [b.name or type(module).__name__ for b in chosen if b.patched]
+    if patched:
+        raise ValueError(f"{type(module).__name__} is already patched: {patched} hold DA-MoE layers "
+                         "(patch_ffn patches a block once; patch a fresh copy of the model to change the layers)")
+    requires_grad = {p: p.requires_grad for p in module.parameters()}
+    try:
+        plans = [_plan(module, found, context, damoe_kwargs) for found in chosen]
+    except Exception:
+        for param, flag in requires_grad.items():  # from_ffn froze the FFNs planned so far
+            param.requires_grad_(flag)
+        raise
+    for plan in plans:  # nothing below can fail: the model changes only once every block is planned
+        plan.apply()
+    _keep_padding_as_nested(module)
+    return [plan.name for plan in plans]
 
 
-def _chosen(blocks, layers):
-    names = [name for name, _, _ in blocks]
+def _chosen(blocks: list[FoundBlock], layers) -> list[FoundBlock]:
+    names = [b.name for b in blocks]
     if layers is not None and not isinstance(layers, str) and any(isinstance(i, str) for i in layers):
         unknown = [n for n in layers if n not in names]
         if unknown:
             raise ValueError(f"no supported FFN block named {unknown}; the blocks found are {names}")
-        return [b for b in blocks if b[0] in layers]
+        return [b for b in blocks if b.name in layers]
     return [blocks[i] for i in select_layers(len(blocks), layers)]
 
 
-def _patch_block(root: nn.Module, name: str, block: nn.Module, layout: _Layout, context: ContextSlot | None,
-                 damoe_kwargs: dict) -> str:
-    fc1, fc2 = getattr(block, layout.fc1), getattr(block, layout.fc2)
-    dropout = getattr(block, layout.hidden_dropout).p if layout.hidden_dropout else 0.0
-    out_dropout = getattr(block, layout.output_dropout).p if layout.output_dropout else 0.0
+@dataclass
+class _Plan:
+    """The substitutions that patch one block: (parent module, attribute, new module) in order."""
+
+    name: str
+    block: nn.Module
+    substitutions: list[tuple[nn.Module, str, nn.Module]]
+
+    def apply(self) -> None:
+        for parent, attr, new in self.substitutions:
+            setattr(parent, attr, new)
+        if hasattr(self.block, "activation_relu_or_gelu"):
+            self.block.activation_relu_or_gelu = 0  # torch's fused fast path would use linear1/linear2 directly
+
+
+def _plan(root: nn.Module, found: FoundBlock, context: ContextSlot | None, damoe_kwargs: dict) -> _Plan:
+    name, block, layout = found.name, found.block, found.layout
+    where = f"{name or type(root).__name__} ({type(block).__name__})"
+    if layout.refusal is not None:
+        raise ValueError(f"cannot patch {where}: " + layout.refusal.format(
+            activation=_activation(block, layout, where), act_path=layout.activation))
+    for path in layout.requires_identity:
+        if not isinstance(resolve(block, path), nn.Identity):
+            raise ValueError(f"cannot patch {where}: it normalises its hidden layer ({path}={resolve(block, path)!r}), "
+                             "which DAMoE does not model")
+    fc1, fc2, gate = _projections(block, layout, where)
+    dropout = lambda path: resolve(block, path).p if path else 0.0  # noqa: E731
     batch_first = getattr(getattr(block, "self_attn", None), "batch_first", True)
     moe = PatchedFFN.from_ffn(
-        fc1, fc2, identify_activation(getattr(block, layout.activation)), dropout=dropout,
-        output_dropout=out_dropout, context_dim=context.dim if context is not None else 0, context_slot=context,
-        batch_dim=0 if batch_first else 1, **damoe_kwargs,
+        fc1, fc2, _activation(block, layout, where), gate=gate, dropout=dropout(layout.hidden_dropout),
+        output_dropout=dropout(layout.output_dropout), context_dim=context.dim if context is not None else 0,
+        context_slot=context, batch_dim=0 if batch_first else 1, **damoe_kwargs,
     )
-    if layout.inline:
-        _substitute_inline(block, moe)
-        return f"{name}.linear1" if name else "linear1"
-    if not name:
+    replaced = resolve(block, layout.replace)
+    moe.train(replaced.training)
+    chain = [replaced, *(resolve(block, path) for path in layout.identities)]
+    _check_same_function(where, chain, layout, moe)
+    if layout.replace:
+        substitutions = [(*_parent(block, layout.replace), moe)]
+        new_name = f"{name}.{layout.replace}" if name else layout.replace
+    elif name:
+        substitutions = [(*_parent(root, name), moe)]
+        new_name = name
+    else:
         raise ValueError(f"patch_ffn replaces an FFN block in its parent; it was given the block itself "
                          f"({type(block).__name__}): pass the module that contains it")
-    _check_same_function(name, block, layout, moe)
-    parent_name, _, attr = name.rpartition(".")
-    setattr(root.get_submodule(parent_name), attr, moe)
-    return name
+    substitutions += [(*_parent(block, path), nn.Identity()) for path in layout.identities]
+    return _Plan(new_name, block, substitutions)
 
 
-def _substitute_inline(layer: nn.Module, moe: PatchedFFN) -> None:
-    """`linear2(dropout(activation(linear1(x))))` with linear1 = the DA-MoE layer and the rest identities."""
-    layer.linear1 = moe
-    layer.linear2 = nn.Identity()
-    layer.activation = nn.Identity()
-    layer.dropout = nn.Identity()
-    if hasattr(layer, "activation_relu_or_gelu"):
-        layer.activation_relu_or_gelu = 0  # the fused fast path would use linear1/linear2 weights directly
+def _parent(module: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent, _, attr = path.rpartition(".")
+    return resolve(module, parent), attr
 
 
-def _disable_nested_tensor_paths(root: nn.Module) -> None:
-    for encoder in root.modules():
-        if isinstance(encoder, nn.TransformerEncoder) and any(isinstance(layer.linear1, PatchedFFN)
-                                                              for layer in encoder.layers):
-            encoder.use_nested_tensor = False
+def _activation(block: nn.Module, layout: FFNLayout, where: str) -> str:
+    if layout.activation_name is not None:
+        return layout.activation_name
+    try:
+        return identify_activation(resolve(block, layout.activation))
+    except ValueError as error:
+        raise ValueError(f"cannot patch {where}: {error}") from error
 
 
-def _check_same_function(name: str, block: nn.Module, layout: _Layout, moe: PatchedFFN) -> None:
-    """Refuse a container whose forward is not fc2(act(fc1(x))): compare both on a probe input."""
+def _projections(block: nn.Module, layout: FFNLayout, where: str):
+    """(fc1, fc2, gate) as nn.Linear: Conv1D transposed, a packed [gate; up] weight split into two views."""
+    fc1, fc2 = (_as_linear(resolve(block, p), f"{where}.{p}") for p in (layout.fc1, layout.fc2))
+    gate = _as_linear(resolve(block, layout.gate), f"{where}.{layout.gate}") if layout.gate else None
+    if layout.packed is not None:
+        first, second = _split_rows(fc1, f"{where}.{layout.fc1}")
+        gate, fc1 = (first, second) if layout.packed == "gate_first" else (second, first)
+    return fc1, fc2, gate
+
+
+def _as_linear(module: nn.Module, where: str) -> nn.Linear:
+    if isinstance(module, nn.Linear):
+        return module
+    if type(module).__name__ == "Conv1D" and module.weight.dim() == 2:  # transformers' GPT-2 layer: x W + b
+        n_in, n_out = module.weight.shape
+        linear = nn.Linear(n_in, n_out, bias=module.bias is not None, device="meta")
+        linear.weight = nn.Parameter(module.weight.detach().t().contiguous(), requires_grad=False)
+        if module.bias is not None:
+            linear.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
+        return linear
+    raise ValueError(f"cannot patch {where}: expected an nn.Linear (or a transformers Conv1D), "
+                     f"got {type(module).__name__}")
+
+
+def _split_rows(packed: nn.Linear, where: str) -> tuple[nn.Linear, nn.Linear]:
+    """Two nn.Linear whose weights (and biases) are views of the halves of a packed [2F, D] weight."""
+    rows = packed.out_features
+    if rows % 2:
+        raise ValueError(f"cannot patch {where}: a packed gate/up projection has an even number of outputs, "
+                         f"got {rows}")
+    halves = []
+    for part in (slice(0, rows // 2), slice(rows // 2, rows)):
+        linear = nn.Linear(packed.in_features, rows // 2, bias=packed.bias is not None, device="meta")
+        linear.weight = nn.Parameter(packed.weight.detach()[part], requires_grad=False)
+        if packed.bias is not None:
+            linear.bias = nn.Parameter(packed.bias.detach()[part], requires_grad=False)
+        halves.append(linear)
+    return halves[0], halves[1]
+
+
+def _check_same_function(where: str, chain: list, layout: FFNLayout, moe: PatchedFFN) -> None:
+    """Refuse a block whose forward is not the layout's FFN: compare both on a probe input."""
     weight = moe.fc1.weight
     if weight.device.type == "meta":
         return
     probe = torch.randn(2, 3, moe.d_model, generator=torch.Generator().manual_seed(0)).to(weight)
-    modes = block.training, moe.training
-    block.eval()
-    moe.eval()
+    modules = [m for m in chain if isinstance(m, nn.Module)] + [moe]
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
     try:
         with torch.no_grad():
-            expected = block(probe)
+            expected = probe
+            for step in chain:
+                expected = step(expected)
             context = None if moe.context_dim == 0 else torch.zeros(2, moe.context_dim).to(weight)
             got = DAMoE.forward(moe, probe, context)
+    except Exception as error:  # noqa: BLE001 (a block that cannot run alone on a probe is not a container)
+        raise ValueError(f"cannot patch {where}: calling it on a probe input failed ({error}); describe the block "
+                         "with dasam3.layers.register_ffn_layout(...) or upcycle it by hand with DAMoE.from_ffn")
     finally:
-        block.train(modes[0])
-        moe.train(modes[1])
+        for m, mode in zip(modules, modes):
+            m.train(mode)
     relative = 2e-2 if weight.dtype in (torch.float16, torch.bfloat16) else 1e-4  # SPEC's tolerances
     tolerance = relative * max(expected.abs().max().item(), 1.0)
     if expected.shape != got.shape or (expected - got).abs().max().item() > tolerance:
-        raise ValueError(f"cannot patch {name} ({type(block).__name__}): its forward is not "
-                         f"{layout.fc2}({layout.activation}({layout.fc1}(x))) on a probe input, so replacing it "
-                         "would change the model")
+        raise ValueError(f"cannot patch {where}: its forward is not {layout.formula()} on a probe input, so "
+                         "replacing it would change the model")
+
+
+# -- nn.TransformerEncoder's padded positions -------------------------------------------------------------
+
+
+def _keep_padding_as_nested(root: nn.Module) -> None:
+    """Patched layers cannot take the nested-tensor path of an enclosing nn.TransformerEncoder (it reads
+    linear1.weight and would bypass the experts), so it is switched off; a hook then gives padded positions
+    what that path gives them (zeros, then the final norm) whenever the original would have taken it."""
+    for encoder in root.modules():
+        if not isinstance(encoder, nn.TransformerEncoder) or not encoder.use_nested_tensor:
+            continue
+        if any(isinstance(layer.linear1, PatchedFFN) for layer in encoder.layers):
+            encoder.use_nested_tensor = False
+            encoder.register_forward_hook(_padding_as_nested, with_kwargs=True)
+
+
+def _padding_as_nested(encoder: nn.TransformerEncoder, args: tuple, kwargs: dict, output: torch.Tensor):
+    src = args[0] if args else kwargs["src"]
+    mask = args[1] if len(args) > 1 else kwargs.get("mask")
+    padding = args[2] if len(args) > 2 else kwargs.get("src_key_padding_mask")
+    if not _nested_path_would_run(encoder, src, mask, padding):
+        return None
+    padded = torch.nn.functional._canonical_mask(mask=padding, mask_name="src_key_padding_mask",
+                                                 other_type=None, other_name="", target_type=src.dtype) != 0
+    fill = output.new_zeros(output.shape[-1])
+    if encoder.norm is not None:
+        fill = encoder.norm(fill)
+    return torch.where(padded[..., None], fill, output)
+
+
+def _nested_path_would_run(encoder: nn.TransformerEncoder, src: torch.Tensor, mask, padding) -> bool:
+    """torch's own test (nn.TransformerEncoder.forward) for converting to nested tensors, on the patched layers."""
+    first = encoder.layers[0]
+    if not torch.backends.mha.get_fastpath_enabled() or first.training or src.dim() != 3 or padding is None:
+        return False
+    if mask is not None or src.is_nested or torch.is_autocast_enabled() or src.device.type not in ("cpu", "cuda"):
+        return False
+    if getattr(encoder, "mask_check", True):
+        if torch.compiler.is_compiling():
+            return False
+        keep = torch.nn.functional._canonical_mask(mask=padding, mask_name="src_key_padding_mask", other_type=None,
+                                                   other_name="", target_type=src.dtype) == 0
+        if not torch._nested_tensor_from_mask_left_aligned(src, keep):
+            return False
+    ffn = first.linear1
+    tensors = (src, first.self_attn.in_proj_weight, first.self_attn.in_proj_bias, first.self_attn.out_proj.weight,
+               first.self_attn.out_proj.bias, first.norm1.weight, first.norm1.bias, first.norm2.weight,
+               first.norm2.bias, ffn.fc1.weight, ffn.fc1.bias, ffn.fc2.weight, ffn.fc2.bias)
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))

@@ -113,17 +113,87 @@ def test_patched_experts_are_used_in_eval(kind):
     _assert_close(fast, slow)
 
 
-def test_nested_tensor_path_of_encoder_is_switched_off():
-    encoder = _torch_encoder()
-    oracle = copy.deepcopy(encoder).eval()
+@pytest.mark.parametrize("final_norm", [False, True])
+@pytest.mark.parametrize("mode", ["eval-no-grad", "eval-grad", "train"])
+def test_padded_positions_match_the_original_encoder(final_norm, mode):
+    """The nested path (eval, no grad) gives padded positions zeros (then the final norm); elsewhere they are
+    computed: a patched encoder, which cannot take that path, matches the original in every case."""
+    layer = nn.TransformerEncoderLayer(D, 2, F, dropout=0.0, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(D) if final_norm else None)
+    with torch.no_grad():
+        if final_norm:
+            encoder.norm.bias.normal_()
+    oracle = copy.deepcopy(encoder)
     patch_ffn(encoder)
     assert not encoder.use_nested_tensor
-    encoder.eval()
+    for model in (encoder, oracle):
+        model.train(mode == "train")
     x = torch.randn(3, 5, D)
     padding = torch.zeros(3, 5, dtype=torch.bool)
-    padding[:, -2:] = True
-    with torch.no_grad():  # the nested path zeroes padded positions: compare the real tokens
-        _assert_close(encoder(x, src_key_padding_mask=padding)[:, :-2], oracle(x, src_key_padding_mask=padding)[:, :-2])
+    padding[0, -2:] = padding[2, -1:] = True
+    with torch.set_grad_enabled(mode != "eval-no-grad"):
+        expected = oracle(x, src_key_padding_mask=padding)
+        _assert_close(encoder(x, src_key_padding_mask=padding), expected)
+        _assert_close(encoder(x, None, padding), expected)  # positional arguments too
+    if mode == "eval-no-grad":
+        fill = encoder.norm(torch.zeros(D)) if final_norm else torch.zeros(D)
+        assert torch.allclose(expected[0, -1], fill)  # what the original gives there
+
+
+@pytest.mark.parametrize("kind", ["torch-encoder", "timm-block"])
+def test_eval_model_gets_eval_layers(kind):
+    """A model patched in eval mode gets layers in eval mode: no dropout at inference."""
+    if kind == "torch-encoder":
+        model = nn.TransformerEncoder(nn.TransformerEncoderLayer(D, 2, F, dropout=0.1, batch_first=True), 2,
+                                      enable_nested_tensor=False)
+    else:
+        from timm.models.vision_transformer import Block
+
+        model = Block(D, num_heads=2, mlp_ratio=2.0, proj_drop=0.1)
+    model.eval()
+    oracle = copy.deepcopy(model)
+    names = patch_ffn(model)
+    assert not any(model.get_submodule(n).training for n in names)
+    x = torch.randn(3, 5, D)
+    with torch.no_grad():
+        first, second = model(x), model(x)
+        assert torch.equal(first, second)
+        _assert_close(first, oracle(x))
+    model.train()
+    assert all(model.get_submodule(n).training for n in names)
+
+
+def test_a_failure_part_way_changes_nothing():
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(D, 2, F, batch_first=True), 3, enable_nested_tensor=False)
+    encoder.layers[2].activation = nn.Tanh()  # unsupported: the third block fails after two were planned
+    state = copy.deepcopy(encoder.state_dict())
+    flags = [p.requires_grad for p in encoder.parameters()]
+    with pytest.raises(ValueError, match=r"cannot patch layers.2 \(TransformerEncoderLayer\): unsupported activation"):
+        patch_ffn(encoder)
+    assert all(isinstance(layer.linear1, nn.Linear) and isinstance(layer.linear2, nn.Linear) for layer in encoder.layers)
+    assert [p.requires_grad for p in encoder.parameters()] == flags
+    assert all(torch.equal(v, encoder.state_dict()[k]) for k, v in state.items())
+
+
+@pytest.mark.parametrize("kind", ["torch-encoder", "timm-block", "sam-mlpblock", "hf-clip-layer"])
+def test_patching_twice_says_already_patched(kind):
+    model = BLOCKS[kind][0]()
+    names = patch_ffn(model)
+    with pytest.raises(ValueError, match=r"already patched: \[.*\] hold DA-MoE layers"):
+        patch_ffn(model)
+    assert patch_ffn(model, []) == []  # an explicit empty choice is fine
+    assert all(isinstance(model.get_submodule(n), PatchedFFN) for n in names)
+
+
+def test_sam3_model_patches_with_its_quick_gelu_text_tower():
+    from tests.toy_sam3 import toy_sam3_config
+    from transformers import Sam3Model
+
+    model = Sam3Model(toy_sam3_config(detr_layers=2)).eval()
+    names = patch_ffn(model, num_experts=2, top_k=1, rank=2, backend="torch")
+    activations = {model.get_submodule(n).activation for n in names}
+    assert "quick_gelu" in activations and "relu" in activations
+    assert any(n.startswith("detr_encoder.layers") for n in names)
 
 
 @pytest.mark.parametrize("kind, expected", [("torch-encoder", "gelu"), ("torch-encoder-seq-first", "relu"),
@@ -135,7 +205,8 @@ def test_activation_is_kept(kind, expected):
 
 
 @pytest.mark.parametrize("fn, name", [(nn.GELU(), "gelu"), (nn.GELU(approximate="tanh"), "gelu_tanh"),
-                                      (torch.relu, "relu"), (nn.SiLU(), "silu")])
+                                      (torch.relu, "relu"), (nn.SiLU(), "silu"),
+                                      (lambda z: z * torch.sigmoid(1.702 * z), "quick_gelu")])
 def test_identify_activation(fn, name):
     assert identify_activation(fn) == name
 
