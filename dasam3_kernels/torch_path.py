@@ -91,14 +91,16 @@ def _finite_rows(product: torch.Tensor) -> torch.Tensor:
 
 
 def _add_isolated(acc: torch.Tensor, small: torch.Tensor, big: torch.Tensor, finite: torch.Tensor,
-                  seg: torch.Tensor, alpha: float = 1.0) -> None:
+                  seg: torch.Tensor, alpha: float = 1.0, scratch: bool = False) -> None:
     """acc [E·r, n] += alpha · smallᵀ [E·r, rows] @ big [rows, n], token by token as the reference sums it.
 
     Each token only reaches the columns of `small` its experts own (seg: bool [rows, E·r]), but a
     non-finite row of `big` would spread NaN to every expert through the shared GEMM: such rows are
     left out, and the experts that row belongs to get the NaN the reference gives them.
+    scratch: `big` is a temporary of the caller's, zeroed in place instead of copied.
     """
-    acc.addmm_(small.t(), torch.where(finite[:, None], big, 0.0), alpha=alpha)
+    clean = big.masked_fill_(~finite[:, None], 0.0) if scratch else torch.where(finite[:, None], big, 0.0)
+    acc.addmm_(small.t(), clean, alpha=alpha)
     poisoned = (seg & ~finite[:, None]).any(0)
     acc.masked_fill_(poisoned[:, None], float("nan"))
 
@@ -195,7 +197,7 @@ class _LowRankMoE(torch.autograd.Function):
                     grad_p[rows, j] += scale * torch.where(seg_j, hA2 * gB2[rows], 0.0).sum(-1)
                     grad_v = torch.where(seg_j, gB2[rows] * (scale * pj), 0.0)
                     grad_h.addmm_(grad_v, A2s)
-                    _add_isolated(grad_A2s, grad_v, h, _finite_rows(hA2), seg_j)
+                    _add_isolated(grad_A2s, grad_v, h, _finite_rows(hA2), seg_j, scratch=True)  # h: done with
                 if keep is not None:
                     grad_h = grad_h * kept
                 if pre_g is None:
@@ -236,7 +238,9 @@ class _LowRankMoE(torch.autograd.Function):
 
 
 def _accumulate_slot(grad_pre, rows, j, grad_z, U_j, Bs, grad_U, grad_Bt, seg_j, scale) -> None:
-    """One slot's share of dL/d(pre-activation), dL/dU and the up-projection gradient (as [E·r, n])."""
+    """One slot's share of dL/d(pre-activation), dL/dU and the up-projection gradient (as [E·r, n]).
+
+    grad_z is the caller's temporary and is overwritten."""
     if j == 0:
         grad_pre[rows] = grad_z
     else:
@@ -244,7 +248,7 @@ def _accumulate_slot(grad_pre, rows, j, grad_z, U_j, Bs, grad_U, grad_Bt, seg_j,
     if U_j is not None:
         gzB = grad_z @ Bs
         grad_U[rows] += torch.where(seg_j, gzB, 0.0) * scale
-        _add_isolated(grad_Bt, U_j, grad_z, _finite_rows(gzB), seg_j, alpha=scale)
+        _add_isolated(grad_Bt, U_j, grad_z, _finite_rows(gzB), seg_j, alpha=scale, scratch=True)
 
 
 def _isolated(small: torch.Tensor, big: torch.Tensor, finite: torch.Tensor, seg: torch.Tensor,

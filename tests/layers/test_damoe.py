@@ -51,6 +51,20 @@ def outputs_and_grads(layer: DAMoE, x: torch.Tensor, context: torch.Tensor | Non
     return y, dict(zip(leaves, grads))
 
 
+def assert_matches(layer: DAMoE, reference: DAMoE, x: torch.Tensor, context: torch.Tensor | None = None,
+                   tol: float = 1e-4, call=None, seed: int = 3) -> None:
+    """Output and every gradient of `layer` (or `call`) against `reference` on the same input (and, through
+    the same seed, the same dropout mask)."""
+    torch.manual_seed(seed)
+    y, grads = outputs_and_grads(layer, x, context, call)
+    torch.manual_seed(seed)
+    y_ref, grads_ref = outputs_and_grads(reference, x, context)
+    assert_close(y, y_ref, tol, "output")
+    assert grads.keys() == grads_ref.keys()
+    for name in grads_ref:
+        assert_close(grads[name], grads_ref[name], tol, f"d{name}")
+
+
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("layout", ["batched-per-sample-context", "flat-per-token-context", "no-context"])
 def test_backend_matches_reference_layer(backend: str, layout: str):
@@ -470,12 +484,8 @@ def test_gated_layer_torch_matches_reference(layout: str, activation: str):
                             activation=activation, gated=True, backend="reference"))
     x = torch.randn(3, 5, 16)
     context = None if not context_dim else torch.randn(3, context_dim)
-    y_ref, grads_ref = outputs_and_grads(layer, x, context)
-    y, grads = outputs_and_grads(twin(layer, "torch"), x, context)
-    assert_close(y, y_ref, 1e-4, "output")
-    assert grads.keys() == grads_ref.keys() and "gate_lora_A" in grads
-    for name in grads_ref:
-        assert_close(grads[name], grads_ref[name], 1e-4, f"d{name}")
+    assert "gate_lora_A" in dict(layer.named_parameters())
+    assert_matches(twin(layer, "torch"), layer, x, context)
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
@@ -507,14 +517,7 @@ def test_gated_layer_float64_gradcheck(backend: str):
 )
 def test_gated_configuration_edge_cases(kwargs, make_input):
     layer = perturbed(DAMoE(16, 24, gated=True, activation="silu", **kwargs))
-    x, reference = make_input(), twin(layer, "reference")
-    torch.manual_seed(3)
-    y, grads = outputs_and_grads(layer, x, None)
-    torch.manual_seed(3)  # the same dropout mask
-    y_ref, grads_ref = outputs_and_grads(reference, x, None)
-    assert_close(y, y_ref, 1e-4, "output")
-    for name in grads_ref:
-        assert_close(grads[name], grads_ref[name], 1e-4, f"d{name}")
+    assert_matches(layer, twin(layer, "reference"), make_input())
 
 
 def test_gated_all_tokens_to_one_expert_odd_sizes():
@@ -522,12 +525,8 @@ def test_gated_all_tokens_to_one_expert_odd_sizes():
     with torch.no_grad():
         layer.router.token_proj.bias.copy_(torch.tensor([0.0, 50.0, 0.0]))
     x = torch.randn(3, 7, 13)
-    y, grads = outputs_and_grads(layer, x, None)
+    assert_matches(layer, twin(layer, "reference"), x)
     assert (layer.last_routing["indices"][:, 0] == 1).all()
-    y_ref, grads_ref = outputs_and_grads(twin(layer, "reference"), x, None)
-    assert_close(y, y_ref, 1e-4, "output")
-    for name in grads_ref:
-        assert_close(grads[name], grads_ref[name], 1e-4, f"d{name}")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -550,11 +549,7 @@ def test_gated_full_experts_start_as_the_ffn_and_match_the_reference():
     x = torch.randn(2, 4, 16)
     assert_close(layer(x), mlp(x), 1e-5, "full gated experts at init")
     perturbed(layer)
-    y_ref, grads_ref = outputs_and_grads(twin(layer, "reference"), x, None)
-    y, grads = outputs_and_grads(twin(layer, "torch"), x, None)
-    assert_close(y, y_ref, 1e-4, "output")
-    for name in grads_ref:
-        assert_close(grads[name], grads_ref[name], 1e-4, f"d{name}")
+    assert_matches(twin(layer, "torch"), twin(layer, "reference"), x)
 
 
 def test_gated_layer_on_auto_runs_a_backend_with_gated_kernels(loaders):
@@ -581,10 +576,6 @@ def test_gated_layer_on_a_fused_backend_by_name_is_a_runtime_error(loaders):
 def test_gated_layer_compiles_with_dynamic_shapes():
     layer = perturbed(DAMoE(16, 24, gated=True, activation="silu", backend="torch"))
     compiled = torch.compile(layer, dynamic=True, backend="aot_eager")  # inductor's C++ build is too slow for CI
+    reference = twin(layer, "reference")
     for tokens in (5, 9):
-        x = torch.randn(2, tokens, 16)
-        y, grads = outputs_and_grads(layer, x, None, call=compiled)
-        y_ref, grads_ref = outputs_and_grads(twin(layer, "reference"), x, None)
-        assert_close(y, y_ref, 1e-4, f"compiled output, {tokens} tokens")
-        for name in grads_ref:
-            assert_close(grads[name], grads_ref[name], 1e-4, f"compiled d{name}")
+        assert_matches(layer, reference, torch.randn(2, tokens, 16), call=compiled)
