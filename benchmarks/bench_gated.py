@@ -76,7 +76,8 @@ class MixLoRAStyle(nn.Module):
 def build(dtype: torch.dtype, shape: dict = LLAMA_SHAPE, seed: int = 0) -> dict[str, Contender]:
     torch.manual_seed(seed)
     D, F_ = shape["d_model"], shape["d_ff"]
-    gate, up, down = (nn.Linear(a, b, bias=False, dtype=dtype).requires_grad_(False) for a, b in ((D, F_), (D, F_), (F_, D)))
+    gate, up, down = (nn.Linear(a, b, bias=False, dtype=dtype).requires_grad_(False)
+                      for a, b in ((D, F_), (D, F_), (F_, D)))
     x = torch.randn(shape["batch"], shape["tokens"], D, dtype=dtype)
     grad = torch.randn_like(x)
     layer = DAMoE.from_ffn(up, down, shape["activation"], gate=gate, num_experts=shape["experts"],

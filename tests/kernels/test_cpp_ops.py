@@ -146,7 +146,8 @@ def test_dropout_is_refused():
      r"fc2_weight must be \[d_model, d_ff\] = \[16, 40\], got \[16, 39\]"),
     (lambda a: a.update(indices=a["indices"] + 3), r"indices must lie in \[0, 4\), got values in \[3, 6\]"),
     (lambda a: a.update(fc1_A=a["fc1_A"].double()), "fc1_A must have x's dtype Float, got Double"),
-    (lambda a: a.update(activation="tanh"), "activation must be one of gelu, gelu_tanh, relu, silu, got 'tanh'"),
+    (lambda a: a.update(activation="tanh"),
+     "activation must be one of gelu, gelu_tanh, relu, silu, quick_gelu, got 'tanh'"),
 ])
 def test_bad_input_names_expected_and_received(change, message):
     problem = make_problem(Case(), "cpu")

@@ -470,7 +470,8 @@ def test_gated_from_ffn_reproduces_geglu(activation, torch_act):
 
 
 def test_gated_from_ffn_rejects_mismatched_gate():
-    with pytest.raises(ValueError, match=r"gate must have fc1's shape \[d_ff, d_model\] = \[30, 12\], got gate \[31, 12\]"):
+    with pytest.raises(ValueError, match=r"gate must have fc1's shape \[d_ff, d_model\] = \[30, 12\], "
+                                         r"got gate \[31, 12\]"):
         DAMoE.from_ffn(nn.Linear(12, 30), nn.Linear(30, 12), gate=nn.Linear(12, 31))
     with pytest.raises(ValueError, match="nn.Linear modules, got {'gate': 'Identity'}"):
         DAMoE.from_ffn(nn.Linear(12, 30), nn.Linear(30, 12), gate=nn.Identity())

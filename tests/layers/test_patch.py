@@ -164,13 +164,15 @@ def test_eval_model_gets_eval_layers(kind):
 
 
 def test_a_failure_part_way_changes_nothing():
-    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(D, 2, F, batch_first=True), 3, enable_nested_tensor=False)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(D, 2, F, batch_first=True), 3,
+                                    enable_nested_tensor=False)
     encoder.layers[2].activation = nn.Tanh()  # unsupported: the third block fails after two were planned
     state = copy.deepcopy(encoder.state_dict())
     flags = [p.requires_grad for p in encoder.parameters()]
     with pytest.raises(ValueError, match=r"cannot patch layers.2 \(TransformerEncoderLayer\): unsupported activation"):
         patch_ffn(encoder)
-    assert all(isinstance(layer.linear1, nn.Linear) and isinstance(layer.linear2, nn.Linear) for layer in encoder.layers)
+    assert all(isinstance(layer.linear1, nn.Linear) and isinstance(layer.linear2, nn.Linear)
+               for layer in encoder.layers)
     assert [p.requires_grad for p in encoder.parameters()] == flags
     assert all(torch.equal(v, encoder.state_dict()[k]) for k, v in state.items())
 
