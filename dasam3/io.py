@@ -8,17 +8,21 @@ back with nibabel's orientation tools, so predictions land in the input's own vo
 written with its affine and header.
 
 Bad data raises `DataError` (a ValueError) or FileNotFoundError; both name the offending file.
-Outputs are written atomically (a temporary file in the same folder, then a rename).
+Outputs are written atomically (a temporary file in the same folder, then a rename) with the mode the
+user's umask gives a new file; destinations are probed for writability before any work is done.
+Model files (`model.safetensors`, `config.json`) are read by `load_safetensors` / `read_json`, which
+name the file on any corruption and refuse weights that hold NaN or inf.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 
@@ -37,6 +41,10 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 class DataError(ValueError):
     """A data file that exists but cannot be used (unreadable, wrong shape, unknown label values)."""
+
+
+class DestinationError(ValueError):
+    """An output destination that cannot receive files (read-only, not a folder, no space)."""
 
 
 def _nibabel():
@@ -171,12 +179,44 @@ def label_dtype(max_label: int):
 
 
 def check_can_write(paths: Sequence[str | os.PathLike], overwrite: bool) -> None:
-    """Refuse (before any work is done) to replace existing files unless overwrite is set."""
+    """Refuse (before any work is done) to replace existing files unless overwrite is set, and
+    to write into a folder that cannot take new files (`check_writable`)."""
     existing = [str(p) for p in paths if Path(p).exists()]
     if existing and not overwrite:
         raise FileExistsError(
             "output already exists (pass --overwrite to replace it): " + ", ".join(existing)
         )
+    for folder in dict.fromkeys(Path(p).parent for p in paths):
+        check_writable(folder)
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Raise DestinationError unless files can be created in `folder` (or, when it does not exist yet,
+    in its nearest existing ancestor, where it will be created).
+
+    The probe creates and removes a real temporary file: `os.access` is not enough, since it says yes to
+    root on an immutable folder and cannot see a full disk.
+    """
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DestinationError(f"cannot write into {folder}: {existing} is not a folder")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".dasam3-write-probe.", dir=existing)
+    except OSError as error:
+        raise DestinationError(f"cannot write into {folder}: {error.strerror} ({existing})") from error
+    os.close(handle)
+    os.unlink(probe)
+
+
+def creation_mode(directory: bool = False) -> int:
+    """The mode `open`/`mkdir` give a new file (0o666) or folder (0o777) under the current umask
+    (temporary files are created 0600/0700, so outputs made from them are set to this)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
 
 
 @contextlib.contextmanager
@@ -196,6 +236,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     temporary = Path(temporary)
     try:
         yield temporary
+        os.chmod(temporary, creation_mode())
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
@@ -226,3 +267,84 @@ def save_label_map(labels: np.ndarray, reference, path: str | os.PathLike) -> No
     image.header["cal_min"], image.header["cal_max"] = 0, int(labels.max(initial=0))
     with atomic_output(path) as temporary:
         nib.save(image, str(temporary))
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """Parse a JSON file; FileNotFoundError or DataError naming it."""
+    path = require_file(path, what)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{path}: not valid JSON ({error})") from error
+
+
+def safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """name → shape of every tensor in a safetensors file, from its header only (nothing is allocated).
+    A corrupt, truncated or forged header is a DataError naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    path = require_file(path, "weights file")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except (SafetensorError, OSError) as error:
+        raise DataError(f"{path}: not a readable safetensors file ({error})") from error
+
+
+def load_safetensors(path: str | os.PathLike) -> dict:
+    """name → tensor of a safetensors file (CPU). DataError naming the file when it is corrupt or when a
+    floating-point tensor holds NaN or inf (such weights silently turn every prediction into noise)."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = require_file(path, "weights file")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise DataError(f"{path}: not a readable safetensors file ({error})") from error
+    non_finite = [name for name, tensor in tensors.items()
+                  if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if non_finite:
+        shown = ", ".join(non_finite[:5]) + (", ..." if len(non_finite) > 5 else "")
+        raise DataError(f"{path}: {len(non_finite)} weight tensor(s) hold NaN or inf values ({shown})")
+    return tensors
+
+
+def check_weights_fit(build: Callable[[], Any], weights: str | os.PathLike, config: str | os.PathLike) -> None:
+    """Build the module `build()` returns on the meta device (no memory is allocated) and compare its
+    tensor shapes with the weights file's header, so a config that disagrees with its weights (a
+    forged `d_ff: 1000000000`) is a DataError naming both files instead of a huge allocation."""
+    import torch
+
+    stored = safetensors_shapes(weights)
+    try:
+        with torch.device("meta"):
+            skeleton = build()
+    except RuntimeError:  # parts that load their own weights (transformers' from_pretrained) refuse meta:
+        return  # the real build reads those from their own files, and the file's shapes are checked there
+    for name, tensor in skeleton.state_dict().items():
+        if name in stored and tuple(tensor.shape) != stored[name]:
+            raise DataError(f"{config} does not match {weights}: {name} has shape {list(stored[name])} in "
+                            f"the weights, the config makes it {list(tensor.shape)}")
+
+
+def create_new_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file that must not exist yet: FileExistsError if it does, even when another process
+    creates it at the same moment (O_EXCL), so the file can claim a folder for one writer."""
+    handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    with os.fdopen(handle, "w", encoding="utf-8") as stream:
+        stream.write(text)
+
+
+def load_config(path: str | os.PathLike, config_cls: type) -> Any:
+    """`config_cls.from_dict` of a JSON file, every field's name and type checked first (so `d_ff: 1e9`
+    is refused as a float); FileNotFoundError or DataError naming the file."""
+    from ._common import check_fields
+
+    data = read_json(path, "config file")
+    try:
+        check_fields(config_cls, data)
+        return config_cls.from_dict(data)
+    except (TypeError, ValueError) as error:
+        raise DataError(f"{path}: {error}") from None

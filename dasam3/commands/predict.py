@@ -16,8 +16,11 @@ checkpoints without the record use the flags, defaulting to `--modality mri --pl
 window [-125, 275] HU.
 
 Every input header and every output path is checked before the model is loaded: an existing output is
-never replaced without --overwrite, and a bad input stops the run with an error naming the file.
-Outputs are written atomically, so a failed run leaves no partial file.
+never replaced without --overwrite, an output folder that cannot be written stops the run before any
+work, and two inputs whose legends would collide (`case.nii` and `case.nii.gz`) are refused. A bad
+input file stops a one-file run; a folder run segments every readable file, reports every bad one (one
+line each, naming it) and exits 1. NaN/inf voxels are reported and left out of the normalisation
+(they become 0). Outputs are written atomically, so a failed run leaves no partial file.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import os
 import sys
 from pathlib import Path
 from typing import Sequence
+
+import numpy as np
 
 from ..io import (CT_WINDOW, MODALITIES, PLANES, DataError, check_can_write, is_nifti, load_nifti, nifti_stem,
                   read_nifti_slices, require_3d, save_label_map, write_text)
@@ -104,10 +109,50 @@ def plan_outputs(source: Path, output: Path) -> list[tuple[Path, Path]]:
     return [(source, output)]
 
 
-def check_inputs(pairs: Sequence[tuple[Path, Path]]) -> None:
-    """Read every input's header now, so a bad file stops the run before any output is written."""
+def check_inputs(pairs: Sequence[tuple[Path, Path]]) -> dict[Path, str]:
+    """Read every input's header now, before any output is written: input → error, for each bad one."""
+    problems = {}
     for source, _ in pairs:
-        require_3d(load_nifti(source).shape, source)
+        try:
+            require_3d(load_nifti(source).shape, source)
+        except (DataError, FileNotFoundError) as error:
+            problems[source] = str(error)
+    return problems
+
+
+def check_legends(pairs: Sequence[tuple[Path, Path]]) -> None:
+    """Refuse a plan where two outputs would write the same legend (`case.nii`, `case.nii.gz` → case.json)."""
+    writers: dict[Path, Path] = {}
+    for source, output in pairs:
+        legend = legend_path(output)
+        if legend in writers:
+            raise ValueError(f"{writers[legend]} and {source} would both write the legend {legend}; rename one "
+                             "of them")
+        writers[legend] = source
+
+
+def normalize_finite(slices: np.ndarray, modality: str, ct_window: Sequence[float], source: Path):
+    """(volume in [0, 1], number of non-finite voxels): NaN/inf voxels are left out of the normalisation
+    (a single NaN would turn the percentiles, and so every voxel, into NaN) and set to 0."""
+    from ..data.transforms import normalize
+
+    finite = np.isfinite(slices)
+    bad = int(finite.size - np.count_nonzero(finite))
+    if bad == 0:
+        return normalize(slices, modality, ct_window), 0
+    if bad == finite.size:
+        raise DataError(f"{source}: every voxel is NaN or infinite")
+    volume = np.zeros(slices.shape, dtype=np.float32)
+    volume[finite] = normalize(slices[finite], modality, ct_window)
+    return volume, bad
+
+
+def warn_untrained_concepts(concepts: Sequence[str], trained: Sequence[str]) -> None:
+    """A concept the checkpoint never saw may still produce labels, but nobody has measured them."""
+    unknown = [c for c in concepts if trained and c not in trained]
+    if unknown:
+        print(f"dasam3 predict: warning: the checkpoint was not trained on {unknown} (trained on {list(trained)}); "
+              "their labels are untested", file=sys.stderr)
 
 
 def predict_file(source: Path, output: Path, segmenter, concepts: Sequence[str], *, image_size: int,
@@ -116,11 +161,14 @@ def predict_file(source: Path, output: Path, segmenter, concepts: Sequence[str],
                  metadata: dict | None = None) -> None:
     """Segment one NIfTI file with `segmenter` (images [B, channels, S, S] → labels [B, S, S]) and
     write the label map and its legend."""
-    from ..data.transforms import normalize
     from ..evaluation import predict_volume
 
     slices, layout, image = read_nifti_slices(source, plane)
-    volume = normalize(slices, modality, ct_window)
+    volume, non_finite = normalize_finite(slices, modality, ct_window, source)
+    if non_finite:
+        print(f"dasam3 predict: warning: {source}: {non_finite} of {slices.size} voxels are NaN or infinite; "
+              "normalised on the finite ones, those set to 0", file=sys.stderr)
+        metadata = {**(metadata or {}), "non_finite_voxels": non_finite}
     labels = predict_volume(volume, segmenter, image_size=image_size, channels=channels,
                             batch_size=batch_size, progress=True, description=source.name)
     if labels.min() < 0 or labels.max() > len(concepts):
@@ -148,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
     from .._common import resolve_device
     from ..evaluation import model_segmenter
 
+    failed: list[str] = []
     try:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -155,22 +204,48 @@ def run(args: argparse.Namespace) -> int:
         for source, output in pairs:
             if output.resolve() == source.resolve():
                 raise ValueError(f"output would replace its own input: {output}")
+        check_legends(pairs)
         check_can_write([p for _, out in pairs for p in (out, legend_path(out))], args.overwrite)
-        check_inputs(pairs)
+        unreadable = check_inputs(pairs)
+        if unreadable and not args.input.is_dir():
+            raise DataError(*unreadable.values())
+        failed = list(unreadable.values())
+        _report(failed)
+        pairs = [(source, output) for source, output in pairs if source not in unreadable]
+        if not pairs:
+            raise DataError(f"none of the {len(failed)} files in {args.input} can be read")
         if not args.checkpoint.is_dir():
             raise FileNotFoundError(f"checkpoint folder not found: {args.checkpoint}")
         device = resolve_device(args.device)
         model = load_model(args.checkpoint, device)
         concepts = _check_concepts(args.concept or model.config.concepts)
+        warn_untrained_concepts(concepts, model.config.concepts)
         segmenter = model_segmenter(model, concepts, device)
         settings = training_preprocessing(args, model.config.image_size)
         for source, output in tqdm(pairs, desc="volumes", unit="file", disable=len(pairs) < 2):
-            predict_file(source, output, segmenter, concepts, image_size=model.config.image_size,
-                         channels=model.config.in_channels, **settings, batch_size=args.batch_size,
-                         metadata={"checkpoint": str(args.checkpoint),
-                                   "ct_window": list(settings["ct_window"]) if settings["modality"] == "ct" else None})
+            try:
+                predict_file(source, output, segmenter, concepts, image_size=model.config.image_size,
+                             channels=model.config.in_channels, **settings, batch_size=args.batch_size,
+                             metadata={"checkpoint": str(args.checkpoint),
+                                       "ct_window": list(settings["ct_window"]) if settings["modality"] == "ct"
+                                       else None})
+            except DataError as error:  # an unreadable body: the other files still get segmented
+                if not args.input.is_dir():
+                    raise
+                failed.append(str(error))
+                _report([str(error)])
+                continue
             print(f"wrote {output}")
     except (DataError, FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"dasam3 predict: error: {error}", file=sys.stderr)
         return 1
+    if failed:
+        print(f"dasam3 predict: {len(failed)} file(s) in {args.input} could not be segmented (listed above); "
+              "the others were written", file=sys.stderr)
+        return 1
     return 0
+
+
+def _report(messages: Sequence[str]) -> None:
+    for message in messages:
+        print(f"dasam3 predict: error: {message}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Iterator, Sequence
@@ -208,7 +209,7 @@ class DAMoE(nn.Module):
         keep = None
         if dropout_active:
             keep = torch.rand(tokens.shape[0], self.top_k, self.d_ff, device=x.device) >= self.dropout
-        with torch.autocast(x.device.type, enabled=False):  # routing in fp32, experts in compute_dtype
+        with _autocast_off(x.device):  # routing in fp32, experts in compute_dtype
             indices, weights, probs = self.router(tokens, context, backend)
             self.last_routing = {"indices": indices.detach(), "weights": weights.detach(), "probs": probs.detach()}
             self.aux = aux_losses(indices, probs) if self.training else {}
@@ -296,8 +297,16 @@ def _check_config(d_model, d_ff, num_experts, top_k, rank, activation, context_d
     check_backend_name(backend)
 
 
+def _autocast_off(device: torch.device):
+    """torch.autocast(enabled=False), or nothing on devices without autocast (meta, for shape inference),
+    where torch.autocast raises."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    if torch.is_autocast_enabled(device.type):
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from dasam3._common import factory_of
 from dasam3.encoders import build_encoders
-from dasam3.io import atomic_output, write_text
+from dasam3.io import atomic_output, check_weights_fit, load_config, load_safetensors, write_text
 from dasam3.layers.context import ConceptConcat, ConceptContext
 from dasam3.layers.damoe import DAMoE
 from dasam3.layers.patch import select_layers
@@ -208,17 +208,17 @@ class DASAM3(nn.Module):
         directory = Path(directory)
         if not (directory / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{directory} is not a DASAM3 checkpoint: {CONFIG_NAME} is missing")
-        model = cls(DASAM3Config.load(directory / CONFIG_NAME))
-        return model.load_weights(directory).to(map_location).eval()
+        config = load_config(directory / CONFIG_NAME, DASAM3Config)
+        check_weights_fit(lambda: cls(config), directory / WEIGHTS_NAME, directory / CONFIG_NAME)
+        return cls(config).load_weights(directory).to(map_location).eval()
 
     def load_weights(self, directory: str | os.PathLike) -> "DASAM3":
         """Load `model.safetensors` from a checkpoint of this very architecture (same config); returns self."""
-        from safetensors.torch import load_file
-
         path = Path(directory) / WEIGHTS_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{Path(directory)} is not a DASAM3 checkpoint: {WEIGHTS_NAME} is missing")
-        result = self.load_state_dict(load_file(str(path)), strict=False)
+        check_weights_fit(lambda: self, path, Path(directory) / CONFIG_NAME)
+        result = self.load_state_dict(load_safetensors(path), strict=False)
         missing = sorted(set(result.missing_keys) - self._referenced_keys())
         if missing or result.unexpected_keys:
             raise ValueError(f"checkpoint {Path(directory)} does not match the model: missing {missing}, "

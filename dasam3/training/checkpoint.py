@@ -4,6 +4,10 @@ and `last` / `best` are symbolic links swapped atomically, so a reader never see
 A checkpoint folder holds the model (`config.json` + `model.safetensors`, what `dasam3 predict
 --checkpoint` reads), the adapter alone (`adapter.safetensors` + `adapter.json`) and the resume state
 (`trainer_state.pt`: progress, optimizer, scheduler, RNG; loaded with `weights_only=True`).
+
+The checkpoint before `last` is kept too, so that a resume whose newest checkpoint was damaged after
+it was written (a truncated copy, a full disk, a dangling link) falls back to an intact one
+(`find_resumable`), saying which it skipped and why.
 """
 
 from __future__ import annotations
@@ -16,7 +20,15 @@ from typing import Any, Callable
 
 import torch
 
+from dasam3.io import DataError, creation_mode, load_safetensors, read_json
+
 TRAINER_STATE = "trainer_state.pt"
+STATE_KEYS = ("progress", "optimizer", "scheduler", "rng", "config")
+MODEL_FILES = ("config.json", "model.safetensors")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from (truncated, corrupt, forged, incomplete)."""
 
 
 def write_checkpoint(root: Path, name: str, write: Callable[[Path], None], trainer_state: dict[str, Any]) -> Path:
@@ -25,6 +37,7 @@ def write_checkpoint(root: Path, name: str, write: Callable[[Path], None], train
     final = root / name
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
     try:
+        os.chmod(staging, creation_mode(directory=True))  # mkdtemp makes it 0700
         write(staging)
         torch.save(trainer_state, staging / TRAINER_STATE)
         if final.exists():  # the same step again (after a resume): replace it whole
@@ -54,10 +67,57 @@ def prune(root: Path, keep: set[Path]) -> None:
 
 
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    """The resume state of a checkpoint folder; CheckpointError naming the file when it is unusable."""
     path = checkpoint / TRAINER_STATE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no trainer state to resume from")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, refused pickle, bad storage: torch raises many types
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path}: cannot load the trainer state ({reason})") from error
+    missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a dasam3 trainer state (missing {missing})")
+    return state
+
+
+def verify_checkpoint(folder: Path) -> dict[str, Any]:
+    """Load every file a resume needs from `folder` (trainer state, config, weights: readable and
+    finite); return the trainer state. Raises CheckpointError, DataError or FileNotFoundError."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such checkpoint folder")
+    state = load_trainer_state(folder)
+    read_json(folder / MODEL_FILES[0], "checkpoint config")
+    load_safetensors(folder / MODEL_FILES[1])
+    return state
+
+
+def checkpoint_candidates(root: Path) -> list[Path]:
+    """Where a resume may start, newest first: the target of `last`, then every step folder."""
+    steps = sorted((p for p in root.glob("step-*") if p.is_dir() and not p.is_symlink()), reverse=True)
+    last = root / "last"
+    first = [Path(os.path.realpath(last))] if last.is_symlink() else []
+    return list(dict.fromkeys(first + [p.resolve() for p in steps]))
+
+
+def find_resumable(root: Path) -> tuple[Path, dict[str, Any], list[str]]:
+    """(the newest intact checkpoint under root, its trainer state, one warning per newer checkpoint
+    skipped). FileNotFoundError when there is none at all; CheckpointError when none is intact."""
+    candidates = checkpoint_candidates(root)
+    if not candidates:
+        raise FileNotFoundError(f"nothing to resume: {root} holds no checkpoint")
+    problems: list[tuple[Path, str]] = []
+    for folder in candidates:
+        try:
+            state = verify_checkpoint(folder)
+        except (CheckpointError, DataError, FileNotFoundError) as error:
+            problems.append((folder, str(error)))
+            continue
+        warnings = [f"checkpoint {bad} is unusable ({why}); resuming from {folder} instead" for bad, why in problems]
+        return folder, state, warnings
+    raise CheckpointError(f"no intact checkpoint to resume from in {root}: " +
+                          "; ".join(f"{folder}: {why}" for folder, why in problems))
 
 
 def rng_state() -> dict[str, Any]:

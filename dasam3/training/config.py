@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from dasam3._common import check_fields
 
 STAGE_KINDS = ("pretrain", "warmup", "calibrate")
 
@@ -32,10 +35,15 @@ class StageConfig:
     def __post_init__(self):
         if self.kind not in STAGE_KINDS:
             raise ValueError(f"stage kind must be one of {STAGE_KINDS}, got {self.kind!r}")
+        check_fields(StageConfig, dataclasses.asdict(self), "stage ")
         if self.steps < 0:
             raise ValueError(f"stage steps must be >= 0, got {self.steps}")
-        if self.lr <= 0:
+        if not 0 < self.lr < math.inf:
             raise ValueError(f"stage lr must be > 0, got {self.lr}")
+        if self.concepts is not None:
+            self.concepts = list(self.concepts)
+            if not self.concepts or len(set(self.concepts)) != len(self.concepts) or not all(self.concepts):
+                raise ValueError(f"stage concepts must be distinct non-empty names (or null for all), got {self.concepts}")
 
 
 def _paper_stages() -> list[StageConfig]:
@@ -63,14 +71,29 @@ class TrainConfig:
     checkpoint_every: int = 200
     num_workers: int = 0
     device: str = "auto"
+    val_cases: int = 0  # without a "val" split: hold out this many training cases to validate on
+
+    # Options that may differ on --resume without changing what is trained (see `resume_differences`).
+    RUNTIME_OPTIONS = ("device", "num_workers")
 
     def __post_init__(self):
-        self.stages = [s if isinstance(s, StageConfig) else StageConfig(**s) for s in self.stages]
+        self.stages = [s if isinstance(s, StageConfig) else _stage(s, index) for index, s in enumerate(self.stages)]
+        check_fields(TrainConfig, {**dataclasses.asdict(self), "stages": []})
+        if not self.stages:
+            raise ValueError("stages must list at least one stage, got []")
+        if self.total_steps < 1:
+            raise ValueError(f"the stages must train at least one step in all, got {[s.steps for s in self.stages]}")
         for name in ("batch_size", "val_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("weight_decay", "grad_clip", "balance", "sparse", "seed", "num_workers", "val_cases"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"image_size must be >= 1 (or null for the dataset's default), got {self.image_size}")
+        _check_device(self.device)
 
     @property
     def total_steps(self) -> int:
@@ -81,10 +104,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
+        """Build from plain values (YAML, flags), every option checked first: ValueError naming it."""
+        check_fields(cls, values)
         return cls(**values)
 
     @classmethod
@@ -97,7 +118,42 @@ class TrainConfig:
 
 def read_yaml_options(path: str | Path) -> dict[str, Any]:
     """A YAML file of options as a dict (an empty file: none); ValueError unless it holds a mapping."""
-    values = yaml.safe_load(Path(path).read_text()) or {}
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        reason = " ".join(str(error).split())
+        raise ValueError(f"{path}: not valid YAML ({reason})") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of training options, got {type(values).__name__}")
     return values
+
+
+def _stage(values: Any, index: int) -> StageConfig:
+    check_fields(StageConfig, values, f"stages[{index}].")
+    try:
+        return StageConfig(**values)
+    except ValueError as error:
+        raise ValueError(f"stages[{index}]: {error}") from None
+
+
+def _check_device(name: str) -> None:
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device must be 'auto' or a torch device (cpu, cuda, cuda:1, ...), got {name!r}") from None
+
+
+def resume_differences(stored: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """option → (stored, current) for the training options a resumed run would change (runtime-only
+    options such as the device excluded). Both arguments are `TrainConfig.to_dict()` values."""
+    stored = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)
+                 if f.default is not dataclasses.MISSING}, **stored}  # options added since the run started
+    keys = sorted((set(stored) | set(current)) - set(TrainConfig.RUNTIME_OPTIONS))
+    return {k: (stored.get(k), current.get(k)) for k in keys if stored.get(k) != current.get(k)}

@@ -5,6 +5,12 @@ batches, so a run killed at any step and resumed from its last checkpoint ends w
 as an uninterrupted run: the checkpoint records the stage, the step, the epoch and the batch inside it,
 the optimizer, the scheduler and the RNG; augmentation draws depend only on (seed, epoch, index).
 Under `torchrun` the same code trains with DDP; rank 0 logs, validates and writes checkpoints.
+
+A run folder is claimed when the run starts (`train_config.json`, created exclusively), so a second
+run never writes into it. A resume compares the run's stored options with the current ones and refuses
+any difference not named in `overrides` (the changes it accepts are recorded in `overrides.json`), and
+starts from the newest intact checkpoint. Stage concepts and variants are checked (the variants on a
+meta-device copy of the model) when the trainer is built, before anything trains.
 """
 
 from __future__ import annotations
@@ -12,11 +18,12 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -25,15 +32,18 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from dasam3.data import SliceDataset, collate_slices
-from dasam3.io import atomic_output
+from dasam3._common import check_fields
+from dasam3.io import atomic_output, create_new_text, read_json, write_text
 from dasam3.layers import aux_loss, freeze_all_but
 from dasam3.losses import segmentation_loss
 
-from .checkpoint import load_trainer_state, point, prune, restore_rng_state, rng_state, write_checkpoint
-from .config import StageConfig, TrainConfig
+from .checkpoint import find_resumable, point, prune, restore_rng_state, rng_state, write_checkpoint
+from .config import StageConfig, TrainConfig, resume_differences
 from .distributed import World, all_reduce_mean, barrier
 
 LOG_FIELDS = ("step", "stage", "kind", "loss", "seg_loss", "aux_loss", "dice", "lr", "val_dice", "seconds")
+RUN_CONFIG, OVERRIDES = "train_config.json", "overrides.json"
+RUN_FILES = (RUN_CONFIG, "log.csv", "checkpoints")  # any of them: the folder holds a run
 
 
 @dataclass
@@ -104,22 +114,21 @@ class Trainer:
         self._resumed_optimizer: dict[str, Any] | None = None
         self.step_seconds: list[float] = []  # compute time of each optimizer step this process ran
         self._board = None  # TensorBoard writer (rank 0, when tensorboard is installed)
+        self._check_stages()
 
     # -- public ----------------------------------------------------------------------------------------
 
-    def fit(self, resume: bool = False, stop_after: int | None = None) -> Progress:
+    def fit(self, resume: bool = False, stop_after: int | None = None, overrides: Sequence[str] = ()) -> Progress:
         """Run every stage to its end (or `stop_after` global steps, to test interruption).
 
-        resume: continue from `out_dir/checkpoints/last` exactly where it stopped.
+        resume: continue from the newest intact checkpoint exactly where it stopped (from step 0 when the
+        run stopped before its first checkpoint). overrides: the options allowed to differ from the
+        stored run's (e.g. ["seed"]); any other difference is a ValueError.
         """
         if resume:
-            self._resume()
+            self._resume(overrides)
         elif self.world.is_main:
-            if (self.checkpoints / "last").exists():
-                raise FileExistsError(f"{self.out_dir} already holds a run; resume it (--resume) or choose "
-                                      "another output folder")
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "train_config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+            self._claim_out_dir()
         self._board = self._open_tensorboard()
         try:
             while self.progress.stage < len(self.config.stages):
@@ -131,6 +140,15 @@ class Trainer:
                 self._board = None
         return self.progress
 
+    def _claim_out_dir(self) -> None:
+        """Refuse a folder that holds a run (finished, running or killed), then claim it at once."""
+        held = [name for name in RUN_FILES if (self.out_dir / name).exists()]
+        if held:
+            raise FileExistsError(f"{self.out_dir} already holds a run ({', '.join(held)}); resume it (--resume) "
+                                  "or choose another output folder")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        create_new_text(self.out_dir / RUN_CONFIG, json.dumps(self.config.to_dict(), indent=2) + "\n")
+
     @property
     def median_step_ms(self) -> float | None:
         return 1e3 * statistics.median(self.step_seconds) if self.step_seconds else None
@@ -139,11 +157,33 @@ class Trainer:
 
     def _apply_variant(self, index: int) -> None:
         """Turn the model into the stage's variant (e.g. upcycle its FFNs), unless it already is one."""
-        stage = self.config.stages[index]
-        config = self.model.config
-        if stage.variant is not None and config.moe is None and config.concat_layers is None:
-            self.model.apply_variant(stage.variant, **stage.variant_options)
+        if apply_stage_variant(self.model, self.config.stages[index]):
             self.model.to(self.device)
+
+    def _check_stages(self) -> None:
+        """Every stage's concepts exist in the training data, and its variant builds: checked on a
+        meta-device copy of the model (no memory, nothing trained) so a bad variant of a late stage is
+        an error now, not after the earlier stages trained."""
+        from dasam3.models.config import MoEConfig
+        from dasam3.models.dasam3 import VARIANTS
+
+        known = list(self.train_set.concepts)
+        for index, stage in enumerate(self.config.stages):
+            unknown = [c for c in stage.concepts or [] if c not in known]
+            if unknown:
+                raise ValueError(f"stages[{index}].concepts: {unknown} are not concepts of the training data {known}")
+            if stage.variant is not None and stage.variant not in VARIANTS:
+                raise ValueError(f"stages[{index}].variant must be one of {sorted(VARIANTS)}, got {stage.variant!r}")
+            if stage.variant is not None and VARIANTS[stage.variant] is not None:
+                check_fields(MoEConfig, stage.variant_options, f"stages[{index}].variant_options.")
+        with torch.device("meta"):
+            skeleton = type(self.model)(self.model.config)
+            for index, stage in enumerate(self.config.stages):
+                try:
+                    apply_stage_variant(skeleton, stage)
+                except (TypeError, ValueError) as error:
+                    raise ValueError(f"stages[{index}].variant {stage.variant!r} with {stage.variant_options}: "
+                                     f"{error}") from None
 
     def _select_trainable(self, stage: StageConfig) -> list[nn.Parameter]:
         params = stage_parameters(self.model, stage)
@@ -308,13 +348,15 @@ class Trainer:
                 self.progress.best_val_dice = val_dice
             state = {"progress": asdict(self.progress), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "rng": rng_state(), "config": self.config.to_dict()}
+            last = self.checkpoints / "last"
+            previous = {Path(os.path.realpath(last))} if last.exists() else set()  # the fallback if last breaks
             folder = write_checkpoint(self.checkpoints, f"step-{self.progress.global_step:07d}",
                                       self._write_model, state)
-            point(self.checkpoints / "last", folder)
+            point(last, folder)
             if best:
                 point(self.checkpoints / "best", folder)
             links = [self.checkpoints / n for n in ("last", "best") if (self.checkpoints / n).exists()]
-            prune(self.checkpoints, set(links))
+            prune(self.checkpoints, set(links) | previous)
         barrier(self.world)
 
     @property
@@ -329,23 +371,67 @@ class Trainer:
         if getattr(self.train_set, "preprocessing", None) is not None:  # read back by `dasam3 predict`
             self.train_set.preprocessing.save(folder)
 
-    def _resume(self) -> None:
-        """Rebuild the model's structure up to the checkpoint, then restore weights, RNG and optimizer."""
-        last = self.checkpoints / "last"
-        if not last.exists():
-            raise FileNotFoundError(f"nothing to resume: {last} does not exist")
-        state = load_trainer_state(last)
+    def _resume(self, overrides: Sequence[str]) -> None:
+        """Rebuild the model's structure up to the newest intact checkpoint, then restore weights, RNG
+        and optimizer. A run killed before its first checkpoint starts again from step 0."""
+        if not self.checkpoints.is_dir() or not any(self.checkpoints.iterdir()):
+            self._restart(overrides)
+            return
+        folder, state, skipped = find_resumable(self.checkpoints)
+        if self.world.is_main:
+            for message in skipped:
+                tqdm.write(f"dasam3 train: warning: {message}")
+        self._accept_config(state["config"], overrides, state["progress"]["global_step"])
         self.progress = Progress(**state["progress"])
         built = min(self.progress.stage + (self.progress.step > 0), len(self.config.stages))
         for index in range(built):
             self._apply_variant(index)
-        self.model.load_weights(last)
+        stored_model = read_json(folder / "config.json", "checkpoint config")
+        if stored_model != self.model.config.to_dict():
+            changed = sorted(k for k in set(stored_model) | set(self.model.config.to_dict())
+                             if stored_model.get(k) != self.model.config.to_dict().get(k))
+            raise ValueError(f"the model given differs from the one in {folder / 'config.json'} (in {changed}); "
+                             "resume with the run's model options")
+        self.model.load_weights(folder)
         self.model.to(self.device)
         restore_rng_state(state["rng"])  # before the next stage's variant draws its initial factors
         if self.progress.step > 0:
             self._resumed_optimizer = state
         if self.world.is_main:
+            if skipped:
+                point(self.checkpoints / "last", folder)
             self._truncate_log()
+
+    def _restart(self, overrides: Sequence[str]) -> None:
+        """--resume of a run that stopped before its first checkpoint: same options, from step 0."""
+        config_path = self.out_dir / RUN_CONFIG
+        if not config_path.is_file():
+            raise FileNotFoundError(f"nothing to resume in {self.out_dir}: it holds no checkpoint and no {RUN_CONFIG}")
+        self._accept_config(read_json(config_path, "run config"), overrides, 0)
+        if self.world.is_main:
+            tqdm.write(f"dasam3 train: {self.out_dir} stopped before its first checkpoint; training again from step 0")
+            self._truncate_log()
+
+    def _accept_config(self, stored: dict[str, Any], overrides: Sequence[str], global_step: int) -> None:
+        """Refuse options that differ from the stored run's unless named in overrides; record the accepted
+        changes in overrides.json and make train_config.json the options the run now continues with."""
+        known = set(self.config.to_dict())
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"--override {', '.join(unknown)}: not a training option; known: {sorted(known)}")
+        changed = resume_differences(stored, self.config.to_dict())
+        refused = {k: v for k, v in changed.items() if k not in overrides}
+        if refused:
+            listed = "; ".join(f"{k}: run {old!r}, now {new!r}" for k, (old, new) in refused.items())
+            raise ValueError(f"--resume: the options differ from the run in {self.out_dir} ({listed}); resume with "
+                             f"the run's options, or pass --override {' --override '.join(refused)} to change them")
+        if changed and self.world.is_main:
+            path = self.out_dir / OVERRIDES
+            history = read_json(path, "override record") if path.is_file() else []
+            history.append({"global_step": global_step,
+                            "changed": {k: {"from": old, "to": new} for k, (old, new) in changed.items()}})
+            write_text(path, json.dumps(history, indent=2) + "\n")
+            write_text(self.out_dir / RUN_CONFIG, json.dumps(self.config.to_dict(), indent=2) + "\n")
 
     def _truncate_log(self) -> None:
         """Drop log rows of steps after the checkpoint: they are trained again."""
@@ -358,3 +444,13 @@ class Trainer:
             writer = csv.DictWriter(handle, fieldnames=LOG_FIELDS)
             writer.writeheader()
             writer.writerows(rows)
+
+
+def apply_stage_variant(model: nn.Module, stage: StageConfig) -> bool:
+    """Apply `stage.variant` to a DASAM3 model unless it is already upcycled or has concat fusion;
+    returns whether it changed the model."""
+    config = model.config
+    if stage.variant is None or config.moe is not None or config.concat_layers is not None:
+        return False
+    model.apply_variant(stage.variant, **stage.variant_options)
+    return True

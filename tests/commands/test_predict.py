@@ -154,11 +154,11 @@ def test_never_overwrites_and_checks_before_loading_the_model(tmp_path, model, c
 
 def test_bad_inputs_name_the_file_and_write_nothing(tmp_path, model, capsys):
     inputs = tmp_path / "scans"
-    _ct_volume(inputs, "good.nii.gz")
+    (inputs / "broken.nii.gz").parent.mkdir()
     (inputs / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
     assert _run(tmp_path, "-i", str(inputs), "-o", str(tmp_path / "preds")) == 1
     assert "broken.nii.gz" in capsys.readouterr().err
-    assert not (tmp_path / "preds").exists() and model.loads == []
+    assert not (tmp_path / "preds").exists() and model.loads == []  # nothing readable: the model is not loaded
 
     cine = write_nifti(tmp_path / "cine.nii.gz", np.zeros((4, 4, 3, 2), np.float32))
     assert _run(tmp_path, "-i", str(cine), "-o", str(tmp_path / "c.nii.gz")) == 1

@@ -110,8 +110,10 @@ def test_checkpoints_are_complete_and_a_second_run_refuses_the_folder(tmp_path):
     assert last.is_symlink() and best.is_symlink()
     for name in ("config.json", "model.safetensors", "adapter.safetensors", "trainer_state.pt"):
         assert (last / name).is_file()
-    folders = [p for p in (tmp_path / "checkpoints").iterdir() if not p.is_symlink()]
-    assert {p.resolve() for p in folders} == {last.resolve(), best.resolve()}  # older ones pruned
+    folders = [p.resolve() for p in (tmp_path / "checkpoints").iterdir() if not p.is_symlink()]
+    previous = (tmp_path / "checkpoints" / "step-0000006").resolve()  # the one before last: the fallback
+    assert last.resolve().name == "step-0000008"
+    assert set(folders) == {last.resolve(), best.resolve(), previous}  # older ones pruned
     restored = DASAM3.from_pretrained(last)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in restored.state_dict().items())
     images = tiny_data("test")[0]["image"][None]
