@@ -16,6 +16,12 @@ MM-WHS `_label` ↔ `_image`), its stored ids are mapped to the model's classes 
 MM-WHS 205 … 850 → 1 … 7; see `dasam3.data.ground_truth`), and the classes are named and ordered as
 the dataset's. `--protocol` then defaults to the dataset's (transunet for synapse, mm otherwise).
 
+Label spaces must agree, or nothing is scored: prediction or ground-truth labels outside the legends
+(with --dataset, outside its classes; without either, prediction labels absent from every ground
+truth), legends that disagree between cases, negative labels and affines that differ (a shifted
+prediction) are errors naming the files.
+`--allow-mismatch` scores such cases anyway, with a warning for each (negative labels stay errors).
+
 Writes `evaluation.json`, `evaluation_cases.csv`, `evaluation_classes.csv` and `evaluation.md` into
 --out (default: the prediction folder) and prints the Markdown summary.
 """
@@ -47,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: --pred)")
     parser.add_argument("--method", default="model", help="row name in the Markdown table")
     parser.add_argument("--overwrite", action="store_true", help="replace existing result files")
+    parser.add_argument("--allow-mismatch", action="store_true",
+                        help="score even when label spaces or affines disagree (a warning for each)")
 
 
 def _add_dataset_argument(parser: argparse.ArgumentParser) -> None:
@@ -81,6 +89,8 @@ def _label_volume(path: Path) -> tuple[np.ndarray, object]:
     labels = np.rint(data).astype(np.int64)
     if not np.array_equal(labels, data):
         raise DataError(f"{path}: a label map must hold integers, found non-integer values")
+    if labels.size and labels.min() < 0:
+        raise DataError(f"{path}: a label map holds labels >= 0 (0 = background), found {labels.min()}")
     return labels, image
 
 
@@ -107,19 +117,43 @@ def _pairs(pred_dir: Path, gt_dir: Path) -> list[tuple[Path, Path]]:
     return [(pred_dir / p.name, p) for p in gt_files]
 
 
-def _legend_names(pred_dir: Path) -> dict[int, str]:
-    """Class names from `predict` legends beside the predictions (label → concept)."""
+def _legend_names(pred_dir: Path, allow_mismatch: bool = False) -> dict[int, str]:
+    """Class names from `predict` legends beside the predictions (label → concept), checked to agree:
+    legends that map labels differently are a DataError naming two of them (merged with a warning
+    under allow_mismatch)."""
     names: dict[int, str] = {}
+    first: Path | None = None
     for legend in sorted(pred_dir.glob("*.json")):
         try:
-            labels = json.loads(legend.read_text())["labels"]
-            names.update({int(k): str(v) for k, v in labels.items() if int(k) > 0})
+            labels = {int(k): str(v) for k, v in json.loads(legend.read_text())["labels"].items() if int(k) > 0}
         except (ValueError, KeyError, TypeError, AttributeError):
             continue  # not a predict legend (e.g. an earlier evaluation.json)
+        if first is not None and labels != names:
+            _mismatch(f"legends disagree: {first} maps {names}, {legend} maps {labels}", allow_mismatch)
+        names, first = {**names, **labels}, first or legend
     return names
 
 
-def load_case(pred_path: Path, gt_path: Path, spacing_from: str):
+def _mismatch(message: str, allowed: bool) -> None:
+    """A disagreement between the files: an error, or with --allow-mismatch a warning."""
+    if not allowed:
+        raise DataError(f"{message} (pass --allow-mismatch to score anyway)")
+    print(f"dasam3 evaluate: warning: {message}", file=sys.stderr)
+
+
+def check_label_space(pred: np.ndarray, gt: np.ndarray, pred_path: Path, gt_path: Path, space: set[int] | None,
+                      allowed: bool) -> None:
+    """Every label of the prediction and of the ground truth must be in `space` (0 included), the labels
+    the legend names, or with no legend the ground truth's labels; None: not checked (--labels)."""
+    if space is None:
+        return
+    for path, values in ((pred_path, pred), (gt_path, gt)):
+        outside = sorted(set(np.unique(values).tolist()) - space)
+        if outside:
+            _mismatch(f"{path} holds labels {outside} outside the label space {sorted(space)}", allowed)
+
+
+def load_case(pred_path: Path, gt_path: Path, spacing_from: str, allow_mismatch: bool = False):
     """(case_id, pred [X, Y, Z], gt [X, Y, Z], spacing or None) with the shapes checked."""
     import nibabel as nib
 
@@ -129,8 +163,8 @@ def load_case(pred_path: Path, gt_path: Path, spacing_from: str):
         raise DataError(f"{pred_path}: shape {pred.shape} differs from the ground truth "
                         f"{gt_path} shape {gt.shape}")
     if not np.allclose(pred_image.affine, gt_image.affine, atol=1e-3):
-        print(f"dasam3 evaluate: warning: {pred_path} and {gt_path} have different affines",
-              file=sys.stderr)
+        shift = float(np.abs(pred_image.affine - gt_image.affine).max())
+        _mismatch(f"{pred_path} and {gt_path} have different affines (up to {shift:.3g} apart)", allow_mismatch)
     source = {"gt": gt_image, "pred": pred_image, "none": None}[spacing_from]
     spacing = None if source is None else tuple(nib.affines.voxel_sizes(source.affine)[:3])
     return nifti_stem(gt_path), pred, gt, spacing
@@ -154,18 +188,21 @@ def run(args: argparse.Namespace) -> int:
         check_can_write(result_paths(out), args.overwrite)
         if layout is not None:
             class_names = _dataset_class_names(layout, _parse_labels(args.labels) if args.labels else None)
+            space = set(range(len(layout.classes) + 1))
         else:
             labels = _parse_labels(args.labels) if args.labels else _gt_labels(pairs)
             if not labels:
                 raise ValueError(f"the ground truth in {args.gt} has no non-zero label; pass --labels")
-            legend = _legend_names(args.pred)
+            legend = _legend_names(args.pred, args.allow_mismatch)
             class_names = {label: legend.get(label, f"label {label}") for label in labels}
+            space = set(legend) | {0} if legend else (None if args.labels else set(labels) | {0})
         protocol = args.protocol or default_protocol(args.dataset)
         scores = []
         for dataset_case_id, pred_path, gt_path in cases:
-            case_id, pred, gt, spacing = load_case(pred_path, gt_path, args.spacing_from)
+            case_id, pred, gt, spacing = load_case(pred_path, gt_path, args.spacing_from, args.allow_mismatch)
             if layout is not None:
                 gt = layout.remap(gt, gt_path)
+            check_label_space(pred, gt, pred_path, gt_path, space, args.allow_mismatch)
             scores += score_volume(pred, gt, class_names, case_id=dataset_case_id or case_id, spacing=spacing,
                                    protocol=protocol)
         hd95_unit = "voxel" if args.spacing_from == "none" else "mm"
