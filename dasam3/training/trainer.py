@@ -20,6 +20,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -280,13 +281,20 @@ class Trainer:
         size = min(self.config.batch_size, len(indices))
         return [indices[i:i + size] for i in range(0, len(indices) - size + 1, size)]
 
+    def _loader_generator(self, epoch: int) -> torch.Generator:
+        """A DataLoader's own seed source: iterating a loader draws a base seed, and drawn from the global
+        RNG that draw would happen again when a resume re-creates the loader mid-epoch, shifting every
+        later random draw (a next stage's expert initialisation) away from the uninterrupted run's."""
+        return torch.Generator().manual_seed(hash((self.config.seed, epoch)) & 0x7FFF_FFFF_FFFF_FFFF)
+
     def _batches(self) -> Iterator[dict[str, Any]]:
         """Batches from the recorded (epoch, batch) onwards, forever; progress is updated as they go."""
         while True:
             self.train_set.set_epoch(self.progress.epoch)
             batches = self._epoch_batches(self.progress.epoch)[self.progress.batch:]
             loader = DataLoader(self.train_set, batch_sampler=batches, collate_fn=collate_slices,
-                                num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda")
+                                num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda",
+                                generator=self._loader_generator(self.progress.epoch))
             for batch in loader:
                 self.progress.batch += 1
                 yield batch
@@ -303,7 +311,8 @@ class Trainer:
         self.model.eval()
         columns = [self.val_set.concepts.index(c) for c in concepts]
         overlap = total = 0
-        loader = DataLoader(self.val_set, batch_size=self.config.batch_size, collate_fn=collate_slices)
+        loader = DataLoader(self.val_set, batch_size=self.config.batch_size, collate_fn=collate_slices,
+                            generator=self._loader_generator(-1))
         for batch in loader:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._amp):
                 logits = self.model(batch["image"].to(self.device), concepts)
@@ -380,7 +389,7 @@ class Trainer:
         folder, state, skipped = find_resumable(self.checkpoints)
         if self.world.is_main:
             for message in skipped:
-                tqdm.write(f"dasam3 train: warning: {message}")
+                tqdm.write(f"dasam3 train: warning: {message}", file=sys.stderr)
         self._accept_config(state["config"], overrides, state["progress"]["global_step"])
         self.progress = Progress(**state["progress"])
         built = min(self.progress.stage + (self.progress.step > 0), len(self.config.stages))
@@ -409,7 +418,8 @@ class Trainer:
             raise FileNotFoundError(f"nothing to resume in {self.out_dir}: it holds no checkpoint and no {RUN_CONFIG}")
         self._accept_config(read_json(config_path, "run config"), overrides, 0)
         if self.world.is_main:
-            tqdm.write(f"dasam3 train: {self.out_dir} stopped before its first checkpoint; training again from step 0")
+            tqdm.write(f"dasam3 train: note: {self.out_dir} stopped before its first checkpoint; training again from "
+                       "step 0", file=sys.stderr)
             self._truncate_log()
 
     def _accept_config(self, stored: dict[str, Any], overrides: Sequence[str], global_step: int) -> None:
