@@ -47,6 +47,11 @@ class DestinationError(ValueError):
     """An output destination that cannot receive files (read-only, not a folder, no space)."""
 
 
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (libraries' messages often span several), or its type."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def _nibabel():
     try:
         import nibabel
@@ -84,7 +89,7 @@ def load_nifti(path: str | os.PathLike):
     try:
         image = nib.load(str(path))
     except Exception as error:  # nibabel raises many types for corrupt files
-        raise DataError(f"{path}: cannot read as NIfTI ({error})") from error
+        raise DataError(f"{path}: cannot read as NIfTI ({one_line(error)})") from error
     if not hasattr(image, "affine") or not hasattr(image, "dataobj"):
         raise DataError(f"{path}: not a NIfTI image (got {type(image).__name__})")
     return image
@@ -95,7 +100,7 @@ def read_array(image, path: str | os.PathLike) -> np.ndarray:
     try:
         return np.asarray(image.dataobj)
     except Exception as error:  # truncated or corrupt compressed data
-        raise DataError(f"{path}: cannot read the voxel data ({error})") from error
+        raise DataError(f"{path}: cannot read the voxel data ({one_line(error)})") from error
 
 
 def require_3d(shape: Sequence[int], path: str | os.PathLike) -> tuple[int, int, int]:
@@ -275,7 +280,7 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DataError(f"{path}: not valid JSON ({error})") from error
+        raise DataError(f"{path}: not valid JSON ({one_line(error)})") from error
 
 
 def safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
@@ -288,7 +293,7 @@ def safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
         with safe_open(str(path), framework="pt") as handle:
             return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
     except (SafetensorError, OSError) as error:
-        raise DataError(f"{path}: not a readable safetensors file ({error})") from error
+        raise DataError(f"{path}: not a readable safetensors file ({one_line(error)})") from error
 
 
 def load_safetensors(path: str | os.PathLike) -> dict:
@@ -302,7 +307,7 @@ def load_safetensors(path: str | os.PathLike) -> dict:
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as error:
-        raise DataError(f"{path}: not a readable safetensors file ({error})") from error
+        raise DataError(f"{path}: not a readable safetensors file ({one_line(error)})") from error
     non_finite = [name for name, tensor in tensors.items()
                   if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
     if non_finite:

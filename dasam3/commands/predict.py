@@ -247,5 +247,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _report(messages: Sequence[str]) -> None:
-    for message in messages:
-        print(f"dasam3 predict: error: {message}", file=sys.stderr)
+    from tqdm.auto import tqdm
+
+    for message in messages:  # tqdm.write: each on its own line, even under the progress bars
+        tqdm.write(f"dasam3 predict: error: {message}", file=sys.stderr)

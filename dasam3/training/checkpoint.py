@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from dasam3.io import DataError, creation_mode, load_safetensors, read_json
+from dasam3.io import DataError, creation_mode, load_safetensors, one_line, read_json
 
 TRAINER_STATE = "trainer_state.pt"
 STATE_KEYS = ("progress", "optimizer", "scheduler", "rng", "config")
@@ -74,8 +74,7 @@ def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, refused pickle, bad storage: torch raises many types
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path}: cannot load the trainer state ({reason})") from error
+        raise CheckpointError(f"{path}: cannot load the trainer state ({one_line(error)})") from error
     missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
         raise CheckpointError(f"{path}: not a dasam3 trainer state (missing {missing})")

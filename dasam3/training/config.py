@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from dasam3._common import check_fields
+from dasam3.io import one_line
 
 STAGE_KINDS = ("pretrain", "warmup", "calibrate")
 
@@ -124,8 +125,7 @@ def read_yaml_options(path: str | Path) -> dict[str, Any]:
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as error:
-        reason = " ".join(str(error).split())
-        raise ValueError(f"{path}: not valid YAML ({reason})") from None
+        raise ValueError(f"{path}: not valid YAML ({one_line(error)})") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of training options, got {type(values).__name__}")
     return values

@@ -432,7 +432,7 @@ class Trainer:
         changed = resume_differences(stored, self.config.to_dict())
         refused = {k: v for k, v in changed.items() if k not in overrides}
         if refused:
-            listed = "; ".join(f"{k}: run {old!r}, now {new!r}" for k, (old, new) in refused.items())
+            listed = "; ".join(describe_change(k, old, new) for k, (old, new) in refused.items())
             raise ValueError(f"--resume: the options differ from the run in {self.out_dir} ({listed}); resume with "
                              f"the run's options, or pass --override {' --override '.join(refused)} to change them")
         if changed and self.world.is_main:
@@ -464,3 +464,11 @@ def apply_stage_variant(model: nn.Module, stage: StageConfig) -> bool:
         return False
     model.apply_variant(stage.variant, **stage.variant_options)
     return True
+
+
+def describe_change(key: str, old: Any, new: Any) -> str:
+    """`key: run OLD, now NEW`; for stages, only the fields that changed (`stages[1].steps: run 3, now 5`)."""
+    if key == "stages" and isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return "; ".join(f"stages[{i}].{name}: run {a.get(name)!r}, now {b.get(name)!r}"
+                         for i, (a, b) in enumerate(zip(old, new)) for name in a if a.get(name) != b.get(name))
+    return f"{key}: run {old!r}, now {new!r}"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.faults.tools import assert_one_line_error, run_cli, run_main, snapshot, write_config
+from tests.faults.tools import assert_one_line_error, run_cli, run_main, snapshot
 
 TOTAL_STEPS = 6
 
@@ -35,16 +35,6 @@ def _assert_same_run(run, reference) -> None:
 
 def _train(config, out, *extra, hook=None):
     return run_cli("train", "--config", config, "--out", out, "--no-eval", *extra, hook=hook)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The uninterrupted run (it also shows that a held-out split is validated on)."""
-    root = tmp_path_factory.mktemp("reference")
-    config = write_config(root / "train.yaml")
-    result = _train(config, root / "run")
-    assert result.rc == 0, result.err
-    return config, root / "run"
 
 
 def test_the_uninterrupted_run_validates_on_its_held_out_cases(reference):
