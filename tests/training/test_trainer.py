@@ -125,7 +125,7 @@ def test_checkpoints_are_complete_and_a_second_run_refuses_the_folder(tmp_path):
 def test_config_rejects_bad_values_and_reads_yaml(tmp_path):
     with pytest.raises(ValueError, match=r"stage kind must be one of .*got 'finetune'"):
         StageConfig("finetune", 3)
-    with pytest.raises(ValueError, match=r"unknown training option\(s\) \['epochs'\]"):
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['epochs'\]"):
         TrainConfig.from_dict({"epochs": 3})
     path = tmp_path / "train.yaml"
     path.write_text("batch_size: 4\nstages:\n  - {kind: warmup, steps: 10, variant: da-sam3}\n  - {kind: calibrate, steps: 5}\n")
