@@ -19,7 +19,7 @@ Every input header and every output path is checked before the model is loaded: 
 never replaced without --overwrite, an output folder that cannot be written stops the run before any
 work, and two inputs whose legends would collide (`case.nii` and `case.nii.gz`) are refused. A bad
 input file stops a one-file run; a folder run segments every readable file, reports every bad one (one
-line each, naming it) and exits 1. NaN/inf voxels are reported and left out of the normalisation
+line each, naming it) and exits 1; once they are fixed, `--skip-existing` segments just them. NaN/inf voxels are reported and left out of the normalisation
 (they become 0). Outputs are written atomically, so a failed run leaves no partial file.
 """
 
@@ -63,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="slices per batch")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--skip-existing", action="store_true",
+                        help="leave inputs whose label map and legend both exist (rerun a folder after fixing "
+                             "its bad files)")
 
 
 def training_preprocessing(args: argparse.Namespace, image_size: int) -> dict:
@@ -129,6 +132,19 @@ def check_legends(pairs: Sequence[tuple[Path, Path]]) -> None:
             raise ValueError(f"{writers[legend]} and {source} would both write the legend {legend}; rename one "
                              "of them")
         writers[legend] = source
+
+
+def skip_finished(pairs: Sequence[tuple[Path, Path]]) -> list[tuple[Path, Path]]:
+    """The pairs whose label map or legend is still missing (the others are said to be skipped)."""
+    remaining = []
+    for source, output in pairs:
+        if output.is_file() and legend_path(output).is_file():
+            print(f"dasam3 predict: skipped {source}: {output} exists", file=sys.stderr)
+        else:
+            remaining.append((source, output))
+    if not remaining:
+        raise FileExistsError(f"every output already exists ({len(pairs)} files); nothing to do")
+    return remaining
 
 
 def normalize_finite(slices: np.ndarray, modality: str, ct_window: Sequence[float], source: Path):
@@ -205,6 +221,8 @@ def run(args: argparse.Namespace) -> int:
             if output.resolve() == source.resolve():
                 raise ValueError(f"output would replace its own input: {output}")
         check_legends(pairs)
+        if args.skip_existing:
+            pairs = skip_finished(pairs)
         check_can_write([p for _, out in pairs for p in (out, legend_path(out))], args.overwrite)
         unreadable = check_inputs(pairs)
         if unreadable and not args.input.is_dir():

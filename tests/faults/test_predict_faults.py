@@ -144,6 +144,15 @@ def test_a_folder_run_segments_every_readable_file_and_names_every_bad_one(check
     bad = ["b_body.nii.gz", "c_empty.nii", "c_text.nii.gz", "c_4d.nii.gz"]
     assert sorted(next(b for b in bad if b in line) for line in errors) == sorted(bad)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.json", "a.nii.gz", "d.json", "d.nii.gz"]
+    # the bad files fixed, a rerun segments just them, leaving the earlier outputs as they were
+    for name in bad:
+        (inputs / name).unlink()
+    _volume(inputs, "b_body.nii.gz")
+    before = snapshot(tmp_path / "out")
+    result = _predict(capsys, checkpoint, inputs, tmp_path / "out", "--skip-existing")
+    assert result.rc == 0 and "Traceback" not in result.err
+    assert {k: v for k, v in snapshot(tmp_path / "out").items() if k in before} == before
+    assert (tmp_path / "out" / "b_body.nii.gz").is_file()
 
 
 def test_legends_never_collide(checkpoint, tmp_path, capsys):

@@ -5,8 +5,10 @@ the run ends bitwise equal to an uninterrupted one, and what was lost is said, n
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 import signal
+import stat
 
 import pytest
 import torch
@@ -43,6 +45,16 @@ def test_the_uninterrupted_run_validates_on_its_held_out_cases(reference):
     assert [int(r["step"]) for r in rows] == list(range(1, TOTAL_STEPS + 1))
     assert all(rows[i]["val_dice"] != "" for i in (1, 2, 4, 5))  # every 2 steps and at each stage's end
     assert (run / "checkpoints" / "best" / "model.safetensors").is_file()
+
+
+def test_run_files_take_the_users_umask(reference):
+    _, run = reference  # the subprocess inherited this process's umask
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [run / "train_config.json", run / "log.csv", *(run / "checkpoints").glob("step-*/*")]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+    for folder in (run / "checkpoints").glob("step-*"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask, folder
 
 
 @pytest.mark.parametrize("point, count", [
