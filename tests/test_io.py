@@ -108,3 +108,71 @@ def test_check_can_write_lists_existing_outputs(tmp_path):
     with pytest.raises(FileExistsError, match="a.nii.gz"):
         check_can_write([tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"], overwrite=False)
     check_can_write([tmp_path / "a.nii.gz"], overwrite=True)
+
+
+def test_check_writable_probes_the_folder_that_will_receive_the_files(tmp_path):
+    from dasam3.io import DestinationError, check_writable
+    from tests.faults.tools import unwritable_folder
+
+    check_writable(tmp_path / "new" / "nested")  # created later: its existing ancestor is probed
+    assert list(tmp_path.iterdir()) == []  # the probe leaves nothing behind
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DestinationError, match="file is not a folder"):
+        check_writable(tmp_path / "file" / "out")
+    with unwritable_folder(tmp_path) as folder, pytest.raises(DestinationError, match=str(folder)):
+        check_writable(folder / "out")
+
+
+@pytest.mark.parametrize("umask", [0o077, 0o002])
+def test_atomic_outputs_take_the_umask(tmp_path, umask):
+    import os
+    import stat
+
+    from dasam3.io import write_text
+
+    previous = os.umask(umask)
+    try:
+        write_text(tmp_path / "a.txt", "text")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o666 & ~umask
+
+
+def test_weights_are_refused_when_not_finite_or_not_matching(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from dasam3.io import check_weights_fit, load_safetensors
+
+    path = tmp_path / "w.safetensors"
+    save_file({"weight": torch.tensor([[1.0, float("inf")]]), "steps": torch.tensor([3])}, str(path))
+    with pytest.raises(DataError, match=r"w.safetensors: 1 weight tensor\(s\) hold NaN or inf values \(weight\)"):
+        load_safetensors(path)
+    with pytest.raises(DataError, match=r"weight has shape \[1, 2\] in the weights, the config makes it \[4, 3\]"):
+        check_weights_fit(lambda: torch.nn.Linear(3, 4, bias=False), path, tmp_path / "config.json")
+
+
+def test_check_fields_names_the_option_and_the_expected_type():
+    from dataclasses import dataclass, field
+
+    from dasam3._common import check_fields
+
+    @dataclass
+    class Inner:
+        rate: float = 0.1
+
+    @dataclass
+    class Outer:
+        count: int = 1
+        names: list[str] = field(default_factory=list)
+        inner: Inner | None = None
+        mode: str | list[int] = "all"
+
+    check_fields(Outer, {"count": 2, "names": ["a"], "inner": {"rate": 1}, "mode": [0, 1]})
+    for values, message in [({"count": True}, "count must be an integer, got True"),
+                            ({"names": ["a", 3]}, r"names\[1\] must be a string"),
+                            ({"inner": {"rate": "1e-3"}}, "inner.rate must be a number.*write 5.0e-4"),
+                            ({"inner": {"rat": 1}}, r"unknown option\(s\) \['inner.rat'\]"),
+                            ({"mode": 3}, "mode must be a string or a list")]:
+        with pytest.raises(ValueError, match=message):
+            check_fields(Outer, values)
