@@ -19,8 +19,9 @@ Every input header and every output path is checked before the model is loaded: 
 never replaced without --overwrite, an output folder that cannot be written stops the run before any
 work, and two inputs whose legends would collide (`case.nii` and `case.nii.gz`) are refused. A bad
 input file stops a one-file run; a folder run segments every readable file, reports every bad one (one
-line each, naming it) and exits 1; once they are fixed, `--skip-existing` segments just them. NaN/inf voxels are reported and left out of the normalisation
-(they become 0). Outputs are written atomically, so a failed run leaves no partial file.
+line each, naming it) and exits 1; once they are fixed, `--skip-existing` segments just them. NaN/inf
+voxels are reported and left out of the normalisation (they become 0). Outputs are written atomically,
+so a failed run leaves no partial file.
 """
 
 from __future__ import annotations

@@ -44,7 +44,8 @@ class StageConfig:
         if self.concepts is not None:
             self.concepts = list(self.concepts)
             if not self.concepts or len(set(self.concepts)) != len(self.concepts) or not all(self.concepts):
-                raise ValueError(f"stage concepts must be distinct non-empty names (or null for all), got {self.concepts}")
+                raise ValueError(f"stage concepts must be distinct non-empty names (or null for all), "
+                                 f"got {self.concepts}")
 
 
 def _paper_stages() -> list[StageConfig]:

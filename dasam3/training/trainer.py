@@ -38,7 +38,8 @@ from dasam3.io import atomic_output, create_new_text, read_json, write_text
 from dasam3.layers import aux_loss, freeze_all_but
 from dasam3.losses import segmentation_loss
 
-from .checkpoint import find_resumable, point, prune, restore_rng_state, rng_state, write_checkpoint
+from .checkpoint import (checkpoint_candidates, find_resumable, point, prune, restore_rng_state, rng_state,
+                         write_checkpoint)
 from .config import StageConfig, TrainConfig, resume_differences
 from .distributed import World, all_reduce_mean, barrier
 
@@ -177,8 +178,12 @@ class Trainer:
                 raise ValueError(f"stages[{index}].variant must be one of {sorted(VARIANTS)}, got {stage.variant!r}")
             if stage.variant is not None and VARIANTS[stage.variant] is not None:
                 check_fields(MoEConfig, stage.variant_options, f"stages[{index}].variant_options.")
+        try:
+            with torch.device("meta"):
+                skeleton = type(self.model)(self.model.config)
+        except RuntimeError:  # encoders that load their own weights (transformers) refuse the meta device:
+            return  # the names and option types are checked above; a range error shows when its stage starts
         with torch.device("meta"):
-            skeleton = type(self.model)(self.model.config)
             for index, stage in enumerate(self.config.stages):
                 try:
                     apply_stage_variant(skeleton, stage)
@@ -383,7 +388,7 @@ class Trainer:
     def _resume(self, overrides: Sequence[str]) -> None:
         """Rebuild the model's structure up to the newest intact checkpoint, then restore weights, RNG
         and optimizer. A run killed before its first checkpoint starts again from step 0."""
-        if not self.checkpoints.is_dir() or not any(self.checkpoints.iterdir()):
+        if not checkpoint_candidates(self.checkpoints):  # at most a half-written first one
             self._restart(overrides)
             return
         folder, state, skipped = find_resumable(self.checkpoints)

@@ -60,6 +60,7 @@ def test_run_files_take_the_users_umask(reference):
 @pytest.mark.parametrize("point, count", [
     ("step", 1),   # before the first checkpoint: the resume starts again from step 0
     ("step", 4),   # inside the warm-up stage (its upcycle already drawn), last checkpoint at the boundary
+    ("save", 1),   # the first checkpoint half written: nothing to resume from, so again from step 0
     ("save", 2),   # the second checkpoint half written in its staging folder
     ("link", 3),   # checkpoint 5 complete, `last` still on checkpoint 3
 ])
