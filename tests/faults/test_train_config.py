@@ -145,3 +145,31 @@ def test_override_mistakes_are_named(finished_run, capsys):
     assert_one_line_error(_train(capsys, config, run, "--resume", "--override", "seeds"), "train", "seeds", rc=2)
     assert_one_line_error(_train(capsys, config, run, "--override", "seed"), "train", "--override", rc=2)
     assert snapshot(run) == before
+
+
+def test_validation_uses_a_val_split_when_the_dataset_has_one(monkeypatch):
+    from dasam3 import data
+    from dasam3.commands.train import _datasets
+    from dasam3.data import synthetic
+    from dasam3.training import TrainConfig
+
+    monkeypatch.setitem(synthetic.SYNTHETIC_SPLITS, "val", 2)  # a third, disjoint seed stream
+    config = TrainConfig(dataset="synthetic", stages=[STAGE])
+    train, val, _ = _datasets(config, channels=1, image_size=16)
+    assert val is not None and set(val.case_ids).isdisjoint(train.case_ids)
+    assert val.case_ids == [case.case_id for case in data.synthetic_cases("val")] and val.augment is None
+
+
+def test_held_out_cases_leave_the_training_set(capsys):
+    from dasam3.commands.train import _datasets
+    from dasam3.data import synthetic_cases
+    from dasam3.training import TrainConfig
+
+    config = TrainConfig(dataset="synthetic", stages=[STAGE], val_cases=1)
+    train, val, _ = _datasets(config, channels=1, image_size=16)
+    everything = [case.case_id for case in synthetic_cases("train")]
+    assert train.case_ids == everything[:-1] and val.case_ids == everything[-1:]
+    assert train.augment is not None and val.augment is None
+    config = TrainConfig(dataset="synthetic", stages=[STAGE])
+    assert _datasets(config, channels=1, image_size=16)[1] is None
+    assert "no validation" in capsys.readouterr().err
