@@ -219,9 +219,19 @@ def check_writable(folder: str | os.PathLike) -> None:
 def creation_mode(directory: bool = False) -> int:
     """The mode `open`/`mkdir` give a new file (0o666) or folder (0o777) under the current umask
     (temporary files are created 0600/0700, so outputs made from them are set to this)."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (setting it to read it back
+    would, for an instant, give files another thread creates the wrong mode)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     mask = os.umask(0)
     os.umask(mask)
-    return (0o777 if directory else 0o666) & ~mask
+    return mask
 
 
 @contextlib.contextmanager

