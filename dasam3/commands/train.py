@@ -114,7 +114,9 @@ def hold_out(dataset, count: int):
         return SliceDataset(members, dataset.classes, image_size=dataset.image_size, channels=dataset.channels,
                             augment=augment, seed=dataset.seed, extra_concepts=extras, cache=dataset.cache)
 
-    return subset(cases[:-count], dataset.augment), subset(cases[-count:], None)
+    train, val = subset(cases[:-count], dataset.augment), subset(cases[-count:], None)
+    train.preprocessing = val.preprocessing = dataset.preprocessing  # what predict reads back
+    return train, val
 
 
 def _datasets(config, channels: int, image_size: int):

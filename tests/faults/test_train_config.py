@@ -170,6 +170,7 @@ def test_held_out_cases_leave_the_training_set(capsys):
     everything = [case.case_id for case in synthetic_cases("train")]
     assert train.case_ids == everything[:-1] and val.case_ids == everything[-1:]
     assert train.augment is not None and val.augment is None
+    assert train.preprocessing is not None and train.preprocessing.dataset == "synthetic"
     config = TrainConfig(dataset="synthetic", stages=[STAGE])
     assert _datasets(config, channels=1, image_size=16)[1] is None
     assert "no validation" in capsys.readouterr().err
