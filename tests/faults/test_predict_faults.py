@@ -186,7 +186,8 @@ def test_a_concept_the_checkpoint_never_saw_is_warned_about(checkpoint, tmp_path
     source, _ = _volume(tmp_path / "in")
     result = _predict(capsys, checkpoint, source, tmp_path / "o.nii.gz", "--concept", "disc", "--concept", "liver")
     assert result.rc == 0
-    warnings = [line for line in result.err.splitlines() if line.startswith("dasam3 predict: warning: ")]
+    warnings = [line for line in result.err.splitlines() if line.startswith("dasam3 predict: warning: the checkpoint "
+                                                                           "was not trained on")]
     assert len(warnings) == 1 and "['liver']" in warnings[0] and "disc" not in warnings[0].split("(")[0]
 
 
