@@ -1,12 +1,16 @@
 // CPU implementation of the dasam3 mixture-of-low-rank-experts ops (forward and backward).
 //
-// Tokens are processed in tiles small enough that a tile's [tile, d_ff] activations stay in the
-// core's cache: per tile, one BLAS GEMM computes the base pre-activation x W1ᵀ + b1, a vectorised
+// Tokens are processed in tiles of a few hundred rows: per tile, one BLAS GEMM computes the base pre-activation x W1ᵀ + b1, a vectorised
 // per-token pass adds each slot's low-rank term, applies the activation, combines the k slots into
 // m = Σ_j p_j h_j and shrinks h_j through its expert's A2, and a second GEMM gives m W2ᵀ.
 // [T, k, d_ff] is never materialised; the backward recomputes h_j from the saved pre-activation.
 // Tiles run in parallel (at::parallel_for, OpenMP in PyTorch's builds) and the GEMMs inside a
 // parallel region run single-threaded, so a tile never leaves its core.
+//
+// Half types (bf16, fp16): the tile GEMMs run in the half type with fp32 accumulation (oneDNN; AMX or
+// AVX512-BF16/FP16 where the CPU has them, see gemm_dtype), everything per token (low-rank terms, bias,
+// activation, the k-slot combination) in fp32 on rows converted on the fly, and each [tile, d_ff]
+// row is rounded to the half type once, where a GEMM reads it.
 //
 // This file is compiled once per instruction set (setup.py: DEFAULT, AVX2, AVX512, as ATen compiles
 // its own kernels); the Python loader picks the variant the CPU supports, and at::vec::Vectorized
@@ -14,13 +18,17 @@
 #include "damoe_common.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
 #include <ATen/ThreadLocalState.h>
+#include <ATen/cpu/Utils.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 
 namespace dasam3 {
@@ -28,9 +36,11 @@ namespace {
 
 using at::vec::Vectorized;
 
-// Elements of one [tile, d_ff] tile: 2^17 floats = 512 KiB, so the pre-activation and mixture
-// tiles of a core fit in its L2 next to the experts' factors.
-constexpr int64_t kTileElements = int64_t(1) << 17;
+// Elements of one [tile, d_ff] tile: 2^19 (256 rows at d_ff = 2048).  Tall tiles keep the tile GEMMs
+// efficient, which matters more than keeping a tile in L2 (the per-token passes work on one row at a
+// time): on an AVX512-BF16 EPYC, one thread, SAM3 shape, 16 / 64 / 128 / 256 rows gave a bf16 forward
+// of 52 / 37 / 33 / 32 ms (fp32: 108 / 95 / 90 / 89 ms); 512 rows gained nothing more.
+constexpr int64_t kTileElements = int64_t(1) << 19;
 
 // Rows per tile: as many as fit kTileElements, but few enough that every thread gets a tile.
 int64_t tile_rows(int64_t tokens, int64_t d_ff) {
@@ -209,6 +219,50 @@ void store_or_add(Vectorized<scalar_t> v, scalar_t* row, int64_t f, int64_t m, b
   (accumulate ? v + V::loadu(row + f, m) : v).store(row + f, m);
 }
 
+// ---- rows in the storage type (the tile GEMMs' dtype) and in the compute type ----------------------
+
+// Row `src` of n storage elements as compute-type values: the row itself when the types agree, else
+// converted into `scratch` (one pass over a row that stays in L1).
+template <typename acc_t, typename scalar_t>
+const acc_t* compute_row(const scalar_t* src, acc_t* scratch, int64_t n) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    return src;
+  } else {
+    using H = Vectorized<scalar_t>;
+    int64_t i = 0;
+    for (; i + H::size() <= n; i += H::size()) {
+      const auto [lo, hi] = at::vec::convert_to_float<scalar_t>(H::loadu(src + i));
+      lo.store(scratch + i);
+      hi.store(scratch + i + Vectorized<float>::size());
+    }
+    for (; i < n; ++i) scratch[i] = static_cast<float>(src[i]);
+    return scratch;
+  }
+}
+
+// Where a row that ends up in storage row `dst` is accumulated in the compute type: `dst` itself when
+// the types agree, else `scratch` (then written back once by store_row).
+template <typename acc_t, typename scalar_t>
+acc_t* accumulator_row(scalar_t* dst, acc_t* scratch) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) return dst;
+  else return scratch;
+}
+
+// Writes an accumulator_row back to its storage row, rounding once (a no-op when the types agree).
+template <typename acc_t, typename scalar_t>
+void store_row(const acc_t* src, scalar_t* dst, int64_t n) {
+  if constexpr (!std::is_same_v<acc_t, scalar_t>) {
+    using H = Vectorized<scalar_t>;
+    constexpr int64_t kHalf = Vectorized<float>::size();
+    int64_t i = 0;
+    for (; i + H::size() <= n; i += H::size()) {
+      at::vec::convert_from_float<scalar_t>(Vectorized<float>::loadu(src + i), Vectorized<float>::loadu(src + i + kHalf))
+          .store(dst + i);
+    }
+    for (; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+  }
+}
+
 // Routing and factors of one call, as raw row-major pointers in scalar_t.
 template <typename scalar_t>
 struct Experts {
@@ -327,20 +381,67 @@ void parallel_tiles(int64_t tokens, int64_t rows, const Fn& fn) {
   });
 }
 
+// ---- the dtype of the tile GEMMs ----------------------------------------------------------------
+
+// Half inputs run their tile GEMMs in the half type (fp32 accumulation inside oneDNN) where the CPU
+// multiplies that type natively: AVX512-BF16 or AMX-BF16 for bf16, AVX512-FP16 or AMX-FP16 for fp16.
+// Elsewhere oneDNN emulates the half type slower than an fp32 GEMM (fp16 on an AVX512 CPU without
+// AVX512-FP16: ~4x slower than fp32), so those GEMMs run in fp32.  DASAM3_CPU_HALF_GEMM=1 / 0 forces
+// one way (to test both paths on any CPU); everything else (low-rank terms, bias, activation, the
+// k-slot combination) is fp32 either way.
+bool cpu_multiplies_natively(at::ScalarType half) {
+  static const auto caps = at::cpu::get_cpu_capabilities();
+  const auto has = [&](const char* name) {
+    const auto it = caps.find(name);
+    return it != caps.end() && it->second.isBool() && it->second.toBool();
+  };
+  return half == at::kBFloat16 ? has("avx512_bf16") || has("amx_bf16") : has("avx512_fp16") || has("amx_fp16");
+}
+
+at::ScalarType gemm_dtype(at::ScalarType input) {
+  if (input != at::kHalf && input != at::kBFloat16) return input;
+  const char* forced = std::getenv("DASAM3_CPU_HALF_GEMM");
+  const bool half = forced != nullptr && *forced != '\0' ? std::string(forced) != "0" : cpu_multiplies_natively(input);
+  return half ? input : at::kFloat;
+}
+
+// fn() with scalar_t = the GEMM (storage) dtype and acc_t = the dtype the per-token passes compute in.
+#define DASAM3_DISPATCH_GEMM_TYPES(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, [&] { \
+    using acc_t = at::opmath_type<scalar_t>;                                  \
+    __VA_ARGS__();                                                           \
+  })
+
+// y += V B2sᵀ + p_sum ⊗ b2 for one tile, the terms in the compute dtype and added to y once.
+void add_low_rank_and_bias(at::Tensor& y, const at::Tensor& V, const at::Tensor& B2s, const at::Tensor& p_sum,
+                           const at::Tensor& b2) {
+  if (!V.defined() && !b2.defined()) return;
+  const auto compute = (V.defined() ? V : b2).scalar_type();
+  const bool same = y.scalar_type() == compute;
+  at::Tensor terms = same ? y : at::zeros(y.sizes(), y.options().dtype(compute));
+  if (V.defined()) terms.addmm_(V, B2s.t());
+  if (b2.defined()) terms.addr_(p_sum, b2);
+  if (!same) y.add_(terms);
+}
+
 // ---- forward ---------------------------------------------------------------------------------------
 
-struct ForwardTensors {  // all contiguous, in the compute dtype
-  at::Tensor x, W1, b1, W2, b2, p_sum, B2s;
-  at::Tensor y, pre, V;  // outputs; pre undefined when not saved, V when fc2 is not adapted
+struct ForwardTensors {
+  at::Tensor x, W1, b1, W2;  // contiguous, in the GEMM dtype
+  at::Tensor b2, p_sum, B2s;  // contiguous, in the compute dtype
+  at::Tensor y, pre;          // outputs in the GEMM dtype; pre undefined when not saved
+  at::Tensor V;               // output in the compute dtype; undefined when fc2 is not adapted
 };
 
-template <typename scalar_t, Activation A>
-void forward_tiles(const Experts<scalar_t>& X, ForwardTensors& ts) {
+template <typename scalar_t, typename acc_t, Activation A>
+void forward_tiles(const Experts<acc_t>& X, ForwardTensors& ts) {
   const int64_t T = ts.x.size(0), F = X.d_ff, rows = tile_rows(T, F);
   parallel_tiles(T, rows, [&](int64_t begin, int64_t end) {
     const auto opts = ts.x.options();
     at::Tensor pre_scratch = ts.pre.defined() ? at::Tensor() : at::empty({rows, F}, opts);
-    at::Tensor mixed = at::empty({rows, F}, opts), h_row = at::empty({F}, opts);
+    at::Tensor mixed = at::empty({rows, F}, opts);
+    at::Tensor rows_acc = at::empty({3, F}, opts.dtype(c10::CppTypeToScalarType<acc_t>::value));  // h, pre, mixed
+    acc_t* h_row = rows_acc.data_ptr<acc_t>();
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t t0 = tile * rows, n = std::min(rows, T - t0);
       at::Tensor pre = ts.pre.defined() ? ts.pre.narrow(0, t0, n) : pre_scratch.narrow(0, 0, n);
@@ -348,12 +449,15 @@ void forward_tiles(const Experts<scalar_t>& X, ForwardTensors& ts) {
       if (ts.b1.defined()) at::addmm_out(pre, ts.b1, x_tile, ts.W1.t());
       else at::mm_out(pre, x_tile, ts.W1.t());
       for (int64_t t = 0; t < n; ++t) {
-        forward_token<scalar_t, A>(X, t0 + t, row_of<scalar_t>(pre, t, F), row_of<scalar_t>(m, t, F),
-                                   row_of<scalar_t>(ts.V, t0 + t, X.experts * X.rank), h_row.data_ptr<scalar_t>());
+        scalar_t* m_row = row_of<scalar_t>(m, t, F);
+        acc_t* mixed_acc = accumulator_row(m_row, h_row + 2 * F);
+        forward_token<acc_t, A>(X, t0 + t, compute_row(row_of<scalar_t>(pre, t, F), h_row + F, F), mixed_acc,
+                                row_of<acc_t>(ts.V, t0 + t, X.experts * X.rank), h_row);
+        store_row(mixed_acc, m_row, F);
       }
       at::mm_out(y, m, ts.W2.t());
-      if (X.A2) y.addmm_(ts.V.narrow(0, t0, n), ts.B2s.t());
-      if (ts.b2.defined()) y.addr_(ts.p_sum.narrow(0, t0, n), ts.b2);
+      add_low_rank_and_bias(y, X.A2 ? ts.V.narrow(0, t0, n) : at::Tensor(), ts.B2s,
+                            ts.b2.defined() ? ts.p_sum.narrow(0, t0, n) : at::Tensor(), ts.b2);
     }
   });
 }
@@ -386,26 +490,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_moe_fwd_cpu(
   const MoeSizes s = check_inputs(x, indices, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc1_A, fc1_B,
                                   fc2_A, fc2_B);
   const Activation act = parse_activation(activation);
-  const auto dtype = compute_dtype(x.scalar_type());
+  const auto gemm = gemm_dtype(x.scalar_type()), dtype = compute_dtype(x.scalar_type());
   const int64_t Er = s.experts * s.rank;
   ForwardTensors ts;
-  ts.x = contiguous_as(x, dtype);
-  ts.W1 = contiguous_as(fc1_weight, dtype);
-  ts.b1 = optional_as(fc1_bias, dtype);
-  ts.W2 = contiguous_as(fc2_weight, dtype);
+  ts.x = contiguous_as(x, gemm);
+  ts.W1 = contiguous_as(fc1_weight, gemm);
+  ts.b1 = optional_as(fc1_bias, gemm);
+  ts.W2 = contiguous_as(fc2_weight, gemm);
   ts.b2 = optional_as(fc2_bias, dtype);
   const at::Tensor p = contiguous_as(weights, dtype), idx = contiguous_as(indices, at::kLong);
   if (ts.b2.defined()) ts.p_sum = p.sum(1);
   const Factors f = prepare_factors(s, fc1_A, fc1_B, fc2_A, fc2_B, scale, dtype);
   ts.B2s = f.B2s;
-  const at::Tensor U = s.adapt_fc1 ? at::mm(ts.x, f.A1s.t()) : at::Tensor();
-  ts.V = s.adapt_fc2 ? at::zeros({s.tokens, Er}, ts.x.options()) : at::Tensor();
+  const at::Tensor U = s.adapt_fc1 ? at::mm(contiguous_as(x, dtype), f.A1s.t()) : at::Tensor();
+  ts.V = s.adapt_fc2 ? at::zeros({s.tokens, Er}, p.options()) : at::Tensor();
   ts.y = at::empty({s.tokens, s.d_model}, ts.x.options());
   if (save_for_backward) ts.pre = at::empty({s.tokens, s.d_ff}, ts.x.options());
 
-  AT_DISPATCH_FLOATING_TYPES(dtype, "lowrank_moe_fwd_cpu", [&] {
-    const auto X = experts_view<scalar_t>(s, idx, p, U, f);
-    with_activation(act, [&](auto a) { forward_tiles<scalar_t, decltype(a)::value>(X, ts); });
+  DASAM3_DISPATCH_GEMM_TYPES(gemm, "lowrank_moe_fwd_cpu", [&] {
+    const auto X = experts_view<acc_t>(s, idx, p, U, f);
+    with_activation(act, [&](auto a) { forward_tiles<scalar_t, acc_t, decltype(a)::value>(X, ts); });
   });
 
   const at::Tensor y = ts.y.to(x.scalar_type());
@@ -415,45 +519,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_moe_fwd_cpu(
 
 // ---- backward --------------------------------------------------------------------------------------
 
-struct BackwardTensors {  // all contiguous, in the compute dtype
-  at::Tensor g, W1, W2, A1s, pre, g2, g_dot_b2;
-  at::Tensor grad_p, grad_U, grad_x, grad_pre, mixed;  // outputs; grad_x/grad_pre/mixed undefined if unwanted
-  at::Tensor grad_B1t, grad_A2;                        // [threads, E, r, F] per-thread accumulators
+struct BackwardTensors {
+  at::Tensor g, W1, W2, pre;                  // contiguous, in the GEMM dtype
+  at::Tensor A1s, g2, g_dot_b2;               // contiguous, in the compute dtype
+  at::Tensor grad_x, grad_pre, mixed;         // outputs in the GEMM dtype; undefined if unwanted
+  at::Tensor grad_p, grad_U;                  // outputs in the compute dtype
+  at::Tensor grad_B1t, grad_A2;               // [threads, E, r, F] per-thread accumulators, compute dtype
 };
 
-template <typename scalar_t, Activation A>
-void backward_tiles(const Experts<scalar_t>& X, BackwardTensors& ts) {
+template <typename scalar_t, typename acc_t, Activation A>
+void backward_tiles(const Experts<acc_t>& X, BackwardTensors& ts) {
   const int64_t T = ts.g.size(0), F = X.d_ff, Er = X.experts * X.rank, rows = tile_rows(T, F);
   parallel_tiles(T, rows, [&](int64_t begin, int64_t end) {
     const auto opts = ts.g.options();
     const int64_t thread = at::get_thread_num();  // owns slice `thread` of the [threads, E, r, F] accumulators
-    at::Tensor grad_mixed = at::empty({rows, F}, opts), scratch = at::empty({2, F}, opts);
+    at::Tensor grad_mixed = at::empty({rows, F}, opts);
+    // h, gz, and the compute-dtype copies of pre, grad_mixed, grad_pre and mixed
+    at::Tensor scratch = at::empty({6, F}, opts.dtype(c10::CppTypeToScalarType<acc_t>::value));
     at::Tensor grad_pre_scratch = ts.grad_pre.defined() ? at::Tensor() : at::empty({rows, F}, opts);
+    acc_t* const row = scratch.data_ptr<acc_t>();
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t t0 = tile * rows, n = std::min(rows, T - t0);
       at::Tensor gm = grad_mixed.narrow(0, 0, n), g = ts.g.narrow(0, t0, n);
       at::Tensor grad_pre = ts.grad_pre.defined() ? ts.grad_pre.narrow(0, t0, n) : grad_pre_scratch.narrow(0, 0, n);
       at::mm_out(gm, g, ts.W2);
       for (int64_t t = 0; t < n; ++t) {
-        const int64_t row = t0 + t;
-        TokenGrads<scalar_t> G{row_of<scalar_t>(ts.pre, row, F),
-                               row_of<scalar_t>(gm, t, F),
-                               row_of<scalar_t>(ts.g2, row, Er),
-                               ts.g_dot_b2.defined() ? ts.g_dot_b2.data_ptr<scalar_t>()[row] : scalar_t(0),
-                               row_of<scalar_t>(grad_pre, t, F),
-                               row_of<scalar_t>(ts.grad_p, row, X.top_k),
-                               row_of<scalar_t>(ts.grad_U, row, Er),
-                               row_of<scalar_t>(ts.grad_B1t, thread, Er * F),
-                               row_of<scalar_t>(ts.grad_A2, thread, Er * F),
-                               row_of<scalar_t>(ts.mixed, row, F),
-                               row_of<scalar_t>(scratch, 0, F),
-                               row_of<scalar_t>(scratch, 1, F)};
-        backward_token<scalar_t, A>(X, row, G);
+        const int64_t token = t0 + t;
+        scalar_t* grad_pre_row = row_of<scalar_t>(grad_pre, t, F);
+        scalar_t* mixed_row = row_of<scalar_t>(ts.mixed, token, F);
+        acc_t* grad_pre_acc = accumulator_row(grad_pre_row, row + 4 * F);
+        acc_t* mixed_acc = mixed_row ? accumulator_row(mixed_row, row + 5 * F) : nullptr;
+        TokenGrads<acc_t> G{compute_row(row_of<scalar_t>(ts.pre, token, F), row + 2 * F, F),
+                            compute_row(row_of<scalar_t>(gm, t, F), row + 3 * F, F),
+                            row_of<acc_t>(ts.g2, token, Er),
+                            ts.g_dot_b2.defined() ? ts.g_dot_b2.data_ptr<acc_t>()[token] : acc_t(0),
+                            grad_pre_acc,
+                            row_of<acc_t>(ts.grad_p, token, X.top_k),
+                            row_of<acc_t>(ts.grad_U, token, Er),
+                            row_of<acc_t>(ts.grad_B1t, thread, Er * F),
+                            row_of<acc_t>(ts.grad_A2, thread, Er * F),
+                            mixed_acc,
+                            row,
+                            row + F};
+        backward_token<acc_t, A>(X, token, G);
+        store_row(grad_pre_acc, grad_pre_row, F);
+        if (mixed_row) store_row(mixed_acc, mixed_row, F);
       }
       if (ts.grad_x.defined()) {
         at::Tensor gx = ts.grad_x.narrow(0, t0, n);
         at::mm_out(gx, grad_pre, ts.W1);
-        if (X.U) gx.addmm_(ts.grad_U.narrow(0, t0, n), ts.A1s);
+        if (X.U) {
+          const at::Tensor grad_U = ts.grad_U.narrow(0, t0, n);
+          if (gx.scalar_type() == grad_U.scalar_type()) gx.addmm_(grad_U, ts.A1s);
+          else gx.add_(at::mm(grad_U, ts.A1s));
+        }
       }
     }
   });
@@ -471,21 +590,22 @@ lowrank_moe_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Ten
   const MoeSizes s = check_backward_inputs(grad_y, x, indices, weights, fc1_weight, fc2_weight, fc2_bias, fc1_A,
                                            fc1_B, fc2_A, fc2_B, pre, U, V);
   const Activation act = parse_activation(activation);
-  const auto dtype = compute_dtype(x.scalar_type());
+  const auto gemm = gemm_dtype(x.scalar_type()), dtype = compute_dtype(x.scalar_type());
   const int64_t Er = s.experts * s.rank;
 
   BackwardTensors ts;
-  ts.g = contiguous_as(grad_y, dtype);
-  ts.W1 = contiguous_as(fc1_weight, dtype);
-  ts.W2 = contiguous_as(fc2_weight, dtype);
-  ts.pre = contiguous_as(pre, dtype);
+  ts.g = contiguous_as(grad_y, gemm);
+  ts.W1 = contiguous_as(fc1_weight, gemm);
+  ts.W2 = contiguous_as(fc2_weight, gemm);
+  ts.pre = contiguous_as(pre, gemm);
+  const at::Tensor g = contiguous_as(grad_y, dtype);  // the low-rank and bias terms' gradients, in fp32
   const at::Tensor p = contiguous_as(weights, dtype), idx = contiguous_as(indices, at::kLong);
   const at::Tensor Uc = s.adapt_fc1 ? contiguous_as(U, dtype) : at::Tensor();
   const Factors f = prepare_factors(s, fc1_A, fc1_B, fc2_A, fc2_B, scale, dtype);
   ts.A1s = f.A1s;
-  if (s.adapt_fc2) ts.g2 = at::mm(ts.g, f.B2s);
-  if (fc2_bias.has_value()) ts.g_dot_b2 = at::mv(ts.g, contiguous_as(*fc2_bias, dtype));
-  const auto opts = ts.g.options();
+  if (s.adapt_fc2) ts.g2 = at::mm(g, f.B2s);
+  if (fc2_bias.has_value()) ts.g_dot_b2 = at::mv(g, contiguous_as(*fc2_bias, dtype));
+  const auto opts = g.options(), gemm_opts = ts.g.options();
   ts.grad_p = at::empty({s.tokens, s.top_k}, opts);
   const int64_t threads = at::get_num_threads();
   if (s.adapt_fc1) {
@@ -493,19 +613,19 @@ lowrank_moe_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Ten
     ts.grad_B1t = at::zeros({threads, s.experts, s.rank, s.d_ff}, opts);
   }
   if (s.adapt_fc2) ts.grad_A2 = at::zeros({threads, s.experts, s.rank, s.d_ff}, opts);
-  if (need_grad_x) ts.grad_x = at::empty({s.tokens, s.d_model}, opts);
+  if (need_grad_x) ts.grad_x = at::empty({s.tokens, s.d_model}, gemm_opts);
   if (need_fc_grads) {
-    ts.grad_pre = at::empty({s.tokens, s.d_ff}, opts);
-    ts.mixed = at::empty({s.tokens, s.d_ff}, opts);
+    ts.grad_pre = at::empty({s.tokens, s.d_ff}, gemm_opts);
+    ts.mixed = at::empty({s.tokens, s.d_ff}, gemm_opts);
   }
 
-  AT_DISPATCH_FLOATING_TYPES(dtype, "lowrank_moe_bwd_cpu", [&] {
-    const auto X = experts_view<scalar_t>(s, idx, p, Uc, f);
-    with_activation(act, [&](auto a) { backward_tiles<scalar_t, decltype(a)::value>(X, ts); });
+  DASAM3_DISPATCH_GEMM_TYPES(gemm, "lowrank_moe_bwd_cpu", [&] {
+    const auto X = experts_view<acc_t>(s, idx, p, Uc, f);
+    with_activation(act, [&](auto a) { backward_tiles<scalar_t, acc_t, decltype(a)::value>(X, ts); });
   });
 
   const auto sum_threads = [](const at::Tensor& t) { return t.defined() ? t.sum(0) : t; };
-  const auto lora = factor_grads(s, scale, x, ts.g, V, ts.grad_U, sum_threads(ts.grad_B1t), sum_threads(ts.grad_A2),
+  const auto lora = factor_grads(s, scale, x, g, V, ts.grad_U, sum_threads(ts.grad_B1t), sum_threads(ts.grad_A2),
                                  fc1_A, fc1_B, fc2_A, fc2_B);
   const auto in_x_dtype = [&](const at::Tensor& t) {
     return or_empty(t.defined() ? t.to(x.scalar_type()) : t, x.options());

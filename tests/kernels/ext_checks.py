@@ -8,14 +8,14 @@ from dasam3.layers import DAMoE
 
 from .cases import LORA, Case, assert_close, make_problem, tolerance
 
-# Shapes that span several token tiles of the CPU kernel (2^17 / d_ff rows each), so several threads
+# Shapes that span several token tiles of the CPU kernel (2^19 / d_ff = 127 rows each), so several threads
 # and their gradient accumulators, and several feature tiles of the CUDA kernel with a ragged tail
 # (the conformance edge cases all fit in one tile).
 MULTI_TILE_CASES = [
-    Case(tokens=150, d_model=12, d_ff=2053, rank=3),
-    Case(tokens=150, d_model=12, d_ff=2053, experts=6, top_k=3, activation="silu", skew=True),
-    Case(tokens=150, d_model=12, d_ff=2053, adapt=("fc2",), bias=False, activation="relu"),
-    Case(tokens=150, d_model=12, d_ff=2053, dtype=torch.bfloat16, activation="gelu_tanh"),
+    Case(tokens=150, d_model=12, d_ff=4099, rank=3),
+    Case(tokens=150, d_model=12, d_ff=4099, experts=6, top_k=3, activation="silu", skew=True),
+    Case(tokens=150, d_model=12, d_ff=4099, adapt=("fc2",), bias=False, activation="relu"),
+    Case(tokens=150, d_model=12, d_ff=4099, dtype=torch.bfloat16, activation="gelu_tanh"),
 ]
 
 
