@@ -8,7 +8,6 @@ what is missing and how to get it; "auto" quietly takes the fastest one that can
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,6 +19,24 @@ BACKENDS = ("auto", "reference", "torch", "triton", "cuda", "cpu")
 
 # Fastest first, per device type, for backend="auto".
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+
+# backend="auto" on the CPU, fastest first per compute dtype (x's dtype, or autocast's), as measured by
+# `python -m dasam3 bench --dtype D` at SAM3's shape (forward and training step, 1 and 2 threads;
+# benchmarks/results/cpu_bench_*.json, and `dasam3 bench` flags a run where a slower backend wins):
+# - float32: the fused kernel 0.85-1.0x the dense FFN, torch 1.4-1.8x (AMD EPYC AVX512, Intel Xeon AMX);
+# - bfloat16: both run bf16 GEMMs (oneDNN: AVX512-BF16 / AMX), the fused kernel's per-token passes
+#   beat torch's chunked elementwise passes (EPYC AVX512-BF16: see cpu_bench_bf16_*.json);
+# - float16: without AVX512-FP16/AMX-FP16 the fused kernel runs its GEMMs in fp32 while torch runs
+#   emulated fp16 GEMMs (~4x slower than fp32 on the EPYC), so the fused kernel wins there too.
+_CPU_AUTO_ORDER = {torch.float32: ("cpu", "torch"), torch.bfloat16: ("cpu", "torch"),
+                   torch.float16: ("cpu", "torch")}
+
+
+def auto_order(device_type: str, dtype: torch.dtype | None = None) -> tuple[str, ...]:
+    """The backends "auto" tries on `device_type` for compute dtype `dtype`, fastest first."""
+    if device_type == "cpu" and dtype in _CPU_AUTO_ORDER:
+        return _CPU_AUTO_ORDER[dtype]
+    return _AUTO_ORDER.get(device_type, ())
 
 
 @dataclass(frozen=True)
@@ -95,13 +112,31 @@ def check_backend_name(name: str) -> str:
     return name
 
 
-@functools.lru_cache(maxsize=None)
+# Every load's outcome, by name: "auto" resolves on every forward, and a missing build stays missing.
+# A plain dict filled outside the traced path, not functools.lru_cache: torch.compile traces through
+# an lru_cache into the loader (a library load, PyTorch's CPU capability query: graph breaks) but
+# reads a dict as a constant.
+_LOADED: dict[str, Backend | RuntimeError] = {}
+
+
 def _load_or_error(name: str) -> Backend | RuntimeError:
-    """Both outcomes are cached: "auto" resolves on every forward, and a missing build stays missing."""
-    try:
-        return _LOADERS[name]()
-    except RuntimeError as error:
-        return error
+    _load_once(name)
+    return _LOADED[name]
+
+
+@torch.compiler.assume_constant_result  # torch.compile runs it eagerly, once, at trace time
+def _load_once(name: str) -> bool:
+    if name not in _LOADED:
+        try:
+            _LOADED[name] = _LOADERS[name]()
+        except RuntimeError as error:
+            _LOADED[name] = error
+    return True
+
+
+def forget_loaded() -> None:
+    """Drops every cached load outcome (for tests that simulate a missing build)."""
+    _LOADED.clear()
 
 
 def load_backend(name: str) -> Backend:
@@ -130,14 +165,14 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 
 
 def resolve_backend(name: str, device: torch.device, *, full_experts: bool = False,
-                    dropout: bool = False, gated: bool = False) -> Backend:
-    """The backend that runs a forward on `device`.
+                    dropout: bool = False, gated: bool = False, dtype: torch.dtype | None = None) -> Backend:
+    """The backend that runs a forward on `device` in compute dtype `dtype` (None: "auto"'s default).
 
-    "auto" takes the fastest one that can run this call.  A named backend must be able to run it,
-    except for dropout in training, which the fused kernels leave to the torch path.
+    "auto" takes the fastest one that can run this call (`auto_order`).  A named backend must be able
+    to run it, except for dropout in training, which the fused kernels leave to the torch path.
     """
     if name == "auto":
-        for candidate in _AUTO_ORDER.get(device.type, ()):
+        for candidate in auto_order(device.type, dtype):
             backend = _try_load(candidate)
             if backend is not None and _serves(backend, device, full_experts, dropout, gated):
                 return backend

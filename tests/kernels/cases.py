@@ -58,6 +58,9 @@ EDGE_CASES = [
     Case(activation="silu"),
 ]
 LOW_PRECISION_CASES = [Case(dtype=torch.float16), Case(dtype=torch.bfloat16, skew=True)]
+# Every edge case in both half types (SPEC section 2: 2e-2 against the fp32 reference).
+HALF_EDGE_CASES = [replace(case, dtype=dtype) for dtype in (torch.bfloat16, torch.float16) for case in EDGE_CASES
+                   if case != Case()]  # the default shape is in LOW_PRECISION_CASES
 
 
 @dataclass

@@ -9,15 +9,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dasam3_kernels import available_backends, load_backend, lowrank_moe_reference, routing
+from dasam3_kernels import available_backends, backends, load_backend, lowrank_moe_reference, routing
 
-from .cases import DEVICE, EDGE_CASES, LOW_PRECISION_CASES, Case, assert_close, check_against_reference, make_problem
+from .cases import (DEVICE, EDGE_CASES, HALF_EDGE_CASES, LOW_PRECISION_CASES, Case, assert_close,
+                    check_against_reference, make_problem)
 
 FAST_BACKENDS = [name for name in available_backends(DEVICE) if name != "reference"]
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-@pytest.mark.parametrize("case", EDGE_CASES + LOW_PRECISION_CASES, ids=str)
+@pytest.mark.parametrize("case", EDGE_CASES + LOW_PRECISION_CASES + HALF_EDGE_CASES, ids=str)
 def test_lowrank_moe_matches_reference(backend: str, case: Case):
     check_against_reference(load_backend(backend).lowrank_moe, case)
 
@@ -69,3 +70,13 @@ def test_route_matches_torch(backend: str, context_rows: int):
         assert_close(a, e, 1e-5, what)
     for a, e in zip(actual[3], expected[3]):
         assert_close(a, e, 1e-4, "router gradient")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_auto_order_on_cpu_is_a_full_ranking_per_dtype(dtype: torch.dtype):
+    """Every CPU dtype ranks real backends and ends in torch, which serves every call; resolving
+    `auto` takes the first of them that loads."""
+    order = backends.auto_order("cpu", dtype)
+    assert order[-1] == "torch" and set(order) <= set(backends.BACKENDS) - {"auto"}
+    first_loadable = next(name for name in order if name in available_backends("cpu"))
+    assert backends.resolve_backend("auto", torch.device("cpu"), dtype=dtype).name == first_loadable

@@ -7,9 +7,12 @@ frozen weights' gradients, every instruction-set variant, bad input, and the mis
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -33,6 +36,19 @@ ROOT = Path(__file__).resolve().parents[2]
 @needs_extension
 @pytest.mark.parametrize("case", MULTI_TILE_CASES, ids=str)
 def test_several_tiles_match_reference(case: Case):
+    check_against_reference(load_backend("cpu").lowrank_moe, case, device="cpu")
+
+
+@needs_extension
+@pytest.mark.parametrize("half_gemm", ["1", "0"], ids=["half-gemm", "fp32-gemm"])
+@pytest.mark.parametrize("case", [Case(dtype=torch.bfloat16), Case(dtype=torch.float16, skew=True),
+                                  Case(dtype=torch.bfloat16, noncontiguous=True, activation="relu"),
+                                  Case(dtype=torch.float16, tokens=1, adapt=("fc2",), bias=False),
+                                  MULTI_TILE_CASES[3], replace(MULTI_TILE_CASES[1], dtype=torch.float16)], ids=str)
+def test_both_half_type_gemm_paths_match_reference(monkeypatch, case: Case, half_gemm: str):
+    """The kernel multiplies a half type natively only where the CPU can (bf16: AVX512-BF16/AMX, fp16:
+    AVX512-FP16/AMX-FP16), else in fp32; DASAM3_CPU_HALF_GEMM forces each path on any CPU."""
+    monkeypatch.setenv("DASAM3_CPU_HALF_GEMM", half_gemm)
     check_against_reference(load_backend("cpu").lowrank_moe, case, device="cpu")
 
 
@@ -75,6 +91,55 @@ def test_compiles_without_graph_break():
     torch.testing.assert_close(compiled(*problem.args()), op(*problem.args()))
 
 
+def _compiled_matches_eager(model: torch.nn.Module, inputs: list[torch.Tensor]) -> None:
+    """torch.compile(dynamic=True, fullgraph=True) of `model` on inputs of several shapes: one graph,
+    the eager outputs and the gradients of every trainable parameter."""
+    compiled = torch.compile(model, dynamic=True, fullgraph=True, backend="aot_eager")
+    params = [p for p in model.parameters() if p.requires_grad]
+    for x in inputs:
+        expected = model(x)
+        expected_grads = torch.autograd.grad(expected.square().sum(), params)
+        actual = compiled(x)
+        actual_grads = torch.autograd.grad(actual.square().sum(), params)
+        assert_close(actual, expected, 1e-5, "compiled output")
+        for got, want in zip(actual_grads, expected_grads):
+            assert_close(got, want, 1e-5, "compiled gradient")
+
+
+@needs_extension
+@pytest.mark.parametrize("backend", ["cpu", "auto"])
+def test_layer_compiles_with_dynamic_shapes_in_one_graph(backend: str):
+    """Also with "auto" resolved for the first time inside the trace: the backend loads eagerly there
+    (a library load and PyTorch's CPU-capability query are no graph ops)."""
+    torch.manual_seed(0)
+    layer = DAMoE(16, 24, backend=backend, context_dim=0)
+    with torch.no_grad():
+        for param in layer.expert_parameters():
+            param.normal_(0.0, 0.3)
+    backends.forget_loaded()
+    _compiled_matches_eager(layer, [torch.randn(2, 5, 16), torch.randn(3, 7, 16)])
+
+
+@needs_extension
+@pytest.mark.parametrize("model", ["swin", "vit"])
+def test_patched_timm_model_compiles_with_dynamic_shapes_in_one_graph(model: str):
+    """timm's Swin (window partitions: symbolic token counts) and ViT with their FFNs patched onto the
+    "cpu" backend: before the fixes, Swin failed with "sources must not be empty for symbol" and ViT
+    broke the graph on the backend lookup's CPU-capability query."""
+    timm = pytest.importorskip("timm")
+    from dasam3.layers import patch_ffn
+
+    torch.manual_seed(0)
+    if model == "swin":
+        net = timm.models.swin_transformer.SwinTransformer(img_size=32, patch_size=4, window_size=2, embed_dim=16,
+                                                           depths=(1, 1), num_heads=(2, 2), num_classes=3)
+    else:
+        net = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=2,
+                                                               num_heads=2, num_classes=3)
+    assert len(patch_ffn(net, backend="cpu")) == 2
+    _compiled_matches_eager(net.eval(), [torch.randn(2, 3, 32, 32), torch.randn(3, 3, 32, 32)])
+
+
 @needs_extension
 @pytest.mark.parametrize("config", [
     {"skew": False},
@@ -106,6 +171,29 @@ def test_layer_auto_backend_runs_the_kernel():
     assert resolve_backend("auto", torch.device("cpu")).name == "cpu"
     layer = DAMoE(8, 16)
     assert layer(torch.randn(2, 3, 8)).shape == (2, 3, 8)
+
+
+@needs_extension
+def test_auto_picks_per_compute_dtype(monkeypatch):
+    """`auto` follows its per-dtype table with the dtype the layer computes in (autocast's, else x's)."""
+    ran = []
+    for name in ("cpu", "torch"):
+        backend = load_backend(name)
+        spy = functools.partial(_record, ran, name, backend.lowrank_moe)
+        monkeypatch.setitem(backends._LOADED, name, dataclasses.replace(backend, lowrank_moe=spy))
+    monkeypatch.setitem(backends._CPU_AUTO_ORDER, torch.bfloat16, ("torch", "cpu"))
+    monkeypatch.setitem(backends._CPU_AUTO_ORDER, torch.float32, ("cpu", "torch"))
+    layer, x = DAMoE(8, 16), torch.randn(2, 3, 8)
+    layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+    layer.to(torch.bfloat16)(x.bfloat16())
+    assert ran == [("cpu", torch.float32), ("torch", torch.bfloat16), ("torch", torch.bfloat16)]
+
+
+def _record(ran: list, name: str, op, x, *args, **kwargs):
+    ran.append((name, x.dtype))
+    return op(x, *args, **kwargs)
 
 
 @needs_extension
@@ -183,7 +271,7 @@ def test_missing_extension_says_how_to_build(monkeypatch, tmp_path):
     monkeypatch.setattr(cpp_ops, "_PACKAGE_DIR", tmp_path)
     monkeypatch.setattr(cpp_ops, "cpu_variant", cpp_ops.cpu_variant.__wrapped__)
     monkeypatch.setattr(cpp_ops, "load_cuda", cpp_ops.load_cuda.__wrapped__)
-    backends._load_or_error.cache_clear()
+    backends.forget_loaded()
     try:
         for name in ("cpu", "cuda"):
             with pytest.raises(RuntimeError, match=rf"backend '{name}' is not available: .*not built.*"
@@ -194,4 +282,4 @@ def test_missing_extension_says_how_to_build(monkeypatch, tmp_path):
         assert resolve_backend("auto", torch.device("cpu")).name == "torch"
         assert DAMoE(8, 16)(torch.randn(3, 8)).shape == (3, 8)
     finally:
-        backends._load_or_error.cache_clear()
+        backends.forget_loaded()
