@@ -1,11 +1,13 @@
 """`pytest benchmarks/ --benchmark` runs the benchmarks; without the flag they are skipped.
 
-After the run, a table of each contender's median relative to the dense FFN is printed.
+After the run, a table of each contender's median relative to the dense FFN is printed, headed by the
+hardware (the CPU model, and the instruction set the dasam3 kernels were built for).
 """
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 
 def pytest_addoption(parser):
@@ -28,7 +30,11 @@ def pytest_terminal_summary(terminalreporter, config):
     groups: dict[str, dict[str, float]] = {}
     for bench in session.benchmarks:
         groups.setdefault(bench.group or "", {})[bench.param or bench.name] = bench.stats.median
+    from dasam3.benchmark import hardware_name, isa_description
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     terminalreporter.section("median relative to the dense FFN")
+    terminalreporter.write_line(f"{hardware_name(device)}; {isa_description(device) or 'GPU'}; torch {torch.__version__}")
     for group, medians in sorted(groups.items()):
         dense = medians.get("dense FFN")
         if dense is None:

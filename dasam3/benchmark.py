@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from dasam3.layers import DAMoE, aux_loss, param_report
-from dasam3_kernels import available_backends
+from dasam3_kernels import available_backends, resolve_backend
 
 _ACTIVATION_MODULES = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "gelu_tanh": lambda: nn.GELU("tanh")}
 
@@ -39,22 +39,32 @@ class BenchShape:
 
 @dataclass
 class Contender:
-    """A module on a fixed input; `forward()` and `train_step()` are what gets timed."""
+    """A module on a fixed input; `forward()` and `train_step()` are what gets timed.
+
+    autocast: None, or the dtype the fp32 module runs in under torch.autocast (mixed precision).
+    """
 
     name: str
     module: nn.Module
     x: torch.Tensor
     grad: torch.Tensor
+    autocast: torch.dtype | None = None
+
+    def _precision(self):
+        return torch.autocast(self.x.device.type, dtype=self.autocast, enabled=self.autocast is not None)
 
     @torch.no_grad()
     def forward(self) -> torch.Tensor:
-        return self.module(self.x)
+        with self._precision():
+            return self.module(self.x)
 
     def train_step(self) -> None:
         """Forward + backward: gradients for x and every trainable parameter (aux loss included)."""
         self.module.zero_grad(set_to_none=True)
         inputs = self.x.detach().requires_grad_()
-        loss = (self.module(inputs) * self.grad).sum() + aux_loss(self.module)
+        with self._precision():
+            y = self.module(inputs)
+        loss = (y.to(self.grad.dtype) * self.grad).sum() + aux_loss(self.module)
         loss.backward()
 
 
@@ -66,30 +76,37 @@ def _frozen_ffn(shape: BenchShape, device, dtype) -> tuple[nn.Linear, nn.Linear]
 
 def build_contenders(shape: BenchShape = BenchShape(), device: str | torch.device = "cpu",
                      dtype: torch.dtype = torch.float32, backends: list[str] | None = None,
-                     seed: int = 0) -> dict[str, Contender]:
-    """The dense FFN, DAMoE on every available backend, and a standard MoE of full experts."""
+                     seed: int = 0, autocast: bool = False) -> dict[str, Contender]:
+    """The dense FFN, DAMoE on every available backend, and a standard MoE of full experts.
+
+    autocast: fp32 modules and input run under torch.autocast(device, dtype) (mixed precision);
+    otherwise modules and input are in `dtype`.
+    """
     device = torch.device(device)
     torch.manual_seed(seed)
-    fc1, fc2 = _frozen_ffn(shape, device, dtype)
-    x = torch.randn(shape.batch, shape.tokens, shape.d_model, device=device, dtype=dtype)
+    storage = torch.float32 if autocast else dtype
+    fc1, fc2 = _frozen_ffn(shape, device, storage)
+    x = torch.randn(shape.batch, shape.tokens, shape.d_model, device=device, dtype=storage)
     grad = torch.randn_like(x)
     layer_kwargs = dict(num_experts=shape.experts, top_k=shape.top_k, rank=shape.rank, activation=shape.activation)
+    under = dtype if autocast else None
 
     dense = nn.Sequential(fc1, _ACTIVATION_MODULES[shape.activation](), fc2)
-    contenders = {"dense FFN": Contender("dense FFN", dense, x, grad)}
+    contenders = {"dense FFN": Contender("dense FFN", dense, x, grad, under)}
     for backend in backends or available_backends(device):
         layer = DAMoE.from_ffn(fc1, fc2, backend=backend, **layer_kwargs)
         with torch.no_grad():  # non-zero experts, so the correctness check sees every term
             for param in layer.expert_parameters():
                 param.add_(0.02 * torch.randn_like(param))
-        contenders[f"DAMoE {backend}"] = Contender(f"DAMoE {backend}", layer.train(), x, grad)
+        contenders[f"DAMoE {backend}"] = Contender(f"DAMoE {backend}", layer.train(), x, grad, under)
     full = DAMoE.from_ffn(fc1, fc2, expert_type="full", backend="torch", **layer_kwargs)
-    contenders["standard MoE (full experts)"] = Contender("standard MoE (full experts)", full.train(), x, grad)
+    contenders["standard MoE (full experts)"] = Contender("standard MoE (full experts)", full.train(), x, grad, under)
     return contenders
 
 
 def check_contenders(contenders: dict[str, Contender]) -> dict[str, float]:
-    """Max error of each DAMoE contender's output relative to the reference backend's, on its weights."""
+    """Max error of each DAMoE contender's output relative to the fp32 reference backend's, on its weights
+    (the same rounded values for a half-precision layer)."""
     errors = {}
     for name, contender in contenders.items():
         layer = contender.module
@@ -99,50 +116,94 @@ def check_contenders(contenders: dict[str, Contender]) -> dict[str, float]:
                                    rank=layer.rank, activation=layer.activation, backend="reference")
         reference.load_state_dict(layer.state_dict())
         with torch.no_grad():
-            expected = reference.train()(contender.x)
-        actual = contender.forward()
+            expected = reference.float().train()(contender.x.float())
+        actual = contender.forward().float()
         errors[name] = ((actual - expected).abs().max() / expected.abs().max()).item()
     return errors
 
 
-def time_ms(fn: Callable[[], object], min_run_time: float = 1.0, min_repeats: int = 5) -> float:
-    """Median wall time of `fn` in milliseconds, synchronising CUDA around every call."""
+def interleaved_medians(fns: dict[str, Callable[[], object]], min_run_time: float = 1.0,
+                        min_repeats: int = 5) -> dict[str, float]:
+    """Median wall time in ms of each function, after one warm-up call each, the functions run in turn
+    (round robin) so that load from other processes hits them alike; CUDA synchronised around calls.
+    Rounds continue until every function has `min_repeats` runs and the slowest `min_run_time` seconds."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    times: list[float] = []
-    while sum(times) < min_run_time or len(times) < min_repeats:
-        sync()
-        start = time.perf_counter()
+    for fn in fns.values():
         fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    while min(map(len, times.values())) < min_repeats or max(map(sum, times.values())) < min_run_time:
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
 def run(shape: BenchShape = BenchShape(), device: str = "cpu", dtype: torch.dtype = torch.float32,
-        backends: list[str] | None = None, min_run_time: float = 1.0) -> dict:
-    """Time every contender (forward, training step), with ratios to the dense FFN and the param table."""
-    contenders = build_contenders(shape, device, dtype, backends)
+        backends: list[str] | None = None, min_run_time: float = 1.0, autocast: bool = False,
+        threads: list[int] | None = None) -> dict:
+    """Time every contender side by side (forward, training step) once per thread count (CPU; default:
+    the current count), with ratios to the dense FFN, the choice "auto" makes and the param table."""
+    contenders = build_contenders(shape, device, dtype, backends, autocast=autocast)
     errors = check_contenders(contenders)
-    rows = []
-    for name, contender in contenders.items():
-        contender.forward()  # warm-up: allocator, lazy kernel compilation
-        contender.train_step()
-        rows.append({"name": name, "forward_ms": time_ms(contender.forward, min_run_time),
-                     "train_step_ms": time_ms(contender.train_step, min_run_time),
-                     "max_rel_error_vs_reference": errors.get(name)})
-    dense = rows[0]
-    for row in rows:
-        row["forward_ratio"] = row["forward_ms"] / dense["forward_ms"]
-        row["train_step_ratio"] = row["train_step_ms"] / dense["train_step_ms"]
+    runs = [_timed_run(contenders, errors, min_run_time, n) for n in threads or [torch.get_num_threads()]]
     dpe = param_report(next(c.module for c in contenders.values() if isinstance(c.module, DAMoE)))
     full = param_report(contenders["standard MoE (full experts)"].module)
     return {
         "shape": asdict(shape), "device": str(device), "hardware": hardware_name(device),
-        "dtype": str(dtype).replace("torch.", ""),
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows,
+        "isa": isa_description(device), "dtype": str(dtype).replace("torch.", ""),
+        "precision": f"fp32 modules under torch.autocast({torch.device(device).type!r}, {dtype})" if autocast
+        else f"modules and input in {dtype}",
+        "auto_picks": resolve_backend("auto", torch.device(device), dtype=dtype).name,
+        "torch": torch.__version__, "runs": runs,
         "params": {"dpe_trainable": dpe.damoe_added, "full_experts_trainable": full.damoe_added,
                    "reduction": dpe.reduction},
     }
+
+
+def _timed_run(contenders: dict[str, Contender], errors: dict[str, float], min_run_time: float,
+               threads: int) -> dict:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        forward = interleaved_medians({n: c.forward for n, c in contenders.items()}, min_run_time)
+        train = interleaved_medians({n: c.train_step for n, c in contenders.items()}, min_run_time)
+    finally:
+        torch.set_num_threads(previous)
+    rows = [{"name": name, "forward_ms": forward[name], "train_step_ms": train[name],
+             "forward_ratio": forward[name] / forward["dense FFN"],
+             "train_step_ratio": train[name] / train["dense FFN"],
+             "max_rel_error_vs_reference": errors.get(name)} for name in contenders]
+    return {"threads": threads, "rows": rows, "fastest": fastest_damoe_backends(rows)}
+
+
+def fastest_damoe_backends(rows: list[dict]) -> dict[str, str]:
+    """The DAMoE backend with the shortest forward and training step among the candidates of "auto"
+    (the reference oracle is none), by row name "DAMoE <backend>"."""
+    candidates = [row for row in rows if row["name"].startswith("DAMoE ") and row["name"] != "DAMoE reference"]
+    if not candidates:
+        return {}
+    return {step: min(candidates, key=lambda row: row[f"{step}_ms"])["name"].removeprefix("DAMoE ")
+            for step in ("forward", "train_step")}
+
+
+def isa_description(device: str | torch.device) -> str:
+    """For the CPU: the instruction set the dasam3 kernel library was built for (the variant loaded),
+    ATen's, and whether the CPU multiplies bf16/fp16 natively (what decides the kernels' GEMM dtype)."""
+    if torch.device(device).type != "cpu":
+        return ""
+    from dasam3_kernels import cpp_ops
+
+    try:
+        variant = cpp_ops.cpu_variant()
+    except RuntimeError:
+        variant = "not built"
+    flags = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    native = [name for name in ("avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16") if flags.get(name)]
+    return (f"dasam3 kernel {variant}, ATen {torch.backends.cpu.get_cpu_capability()}, "
+            f"native half GEMMs: {', '.join(native) or 'none'}")
 
 
 def hardware_name(device: str | torch.device) -> str:
@@ -162,15 +223,19 @@ def format_report(result: dict) -> str:
     shape = result["shape"]
     lines = [
         f"x [{shape['batch']}, {shape['tokens']}, {shape['d_model']}], F = {shape['d_ff']}, E = {shape['experts']}, "
-        f"k = {shape['top_k']}, r = {shape['rank']}, {shape['activation']}, {result['dtype']}, {result['device']} "
-        f"({result['hardware']}, {result['threads']} threads), torch {result['torch']}",
-        "",
-        f"{'contender':<30} {'forward ms':>11} {'x dense':>8} {'train ms':>10} {'x dense':>8} {'rel err':>9}",
+        f"k = {shape['top_k']}, r = {shape['rank']}, {shape['activation']}, {result['precision']}, "
+        f"{result['device']} ({result['hardware']}), torch {result['torch']}",
     ]
-    for row in result["rows"]:
-        error = "" if row["max_rel_error_vs_reference"] is None else f"{row['max_rel_error_vs_reference']:.1e}"
-        lines.append(f"{row['name']:<30} {row['forward_ms']:>11.1f} {row['forward_ratio']:>7.2f}x "
-                     f"{row['train_step_ms']:>10.1f} {row['train_step_ratio']:>7.2f}x {error:>9}")
+    if result["isa"]:
+        lines.append(result["isa"])
+    for run in result["runs"]:
+        lines += ["", f"{run['threads']} thread(s)",
+                  f"{'contender':<30} {'forward ms':>11} {'x dense':>8} {'train ms':>10} {'x dense':>8} {'rel err':>9}"]
+        for row in run["rows"]:
+            error = "" if row["max_rel_error_vs_reference"] is None else f"{row['max_rel_error_vs_reference']:.1e}"
+            lines.append(f"{row['name']:<30} {row['forward_ms']:>11.1f} {row['forward_ratio']:>7.2f}x "
+                         f"{row['train_step_ms']:>10.1f} {row['train_step_ratio']:>7.2f}x {error:>9}")
+        lines.append(auto_line(result["auto_picks"], run["fastest"]))
     params = result["params"]
     lines += [
         "",
@@ -180,3 +245,11 @@ def format_report(result: dict) -> str:
         f"  reduction                {100 * params['reduction']:>11.2f} %",
     ]
     return "\n".join(lines)
+
+
+def auto_line(auto: str, fastest: dict[str, str]) -> str:
+    """Whether `auto` is the fastest measured (`fastest_damoe_backends`), and which were."""
+    measured = ", ".join(f"{step.replace('_', ' ')} {name}" for step, name in fastest.items())
+    slower = [step.replace("_", " ") for step, name in fastest.items() if name != auto]
+    verdict = f"SLOWER than the fastest measured in: {', '.join(slower)}" if slower else "the fastest measured"
+    return f"auto picks {auto!r} here ({verdict}; fastest: {measured or 'no candidate timed'})"

@@ -1,0 +1,54 @@
+"""`dasam3 bench` (dasam3/commands/bench.py, dasam3/benchmark.py): bf16 mixed precision on the CPU,
+the hardware named, thread scaling, and the check of the choice "auto" makes against the timings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dasam3 import benchmark
+from dasam3.cli import main
+from dasam3_kernels import available_backends
+
+
+def test_bench_bf16_autocast_names_hardware_and_scales_threads(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    backends = [b for b in ("cpu", "torch") if b in available_backends("cpu")]
+    assert main(["bench", "--dtype", "bf16", "--threads", "1", "2", "--batch", "1", "--tokens", "24", "--d-model",
+                 "16", "--d-ff", "32", "--backends", *backends, "--min-time", "0", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    assert result["precision"] == "fp32 modules under torch.autocast('cpu', torch.bfloat16)"
+    assert result["hardware"] and result["hardware"] in printed
+    assert "ATen " + torch.backends.cpu.get_cpu_capability() in result["isa"] and result["isa"] in printed
+    assert [run["threads"] for run in result["runs"]] == [1, 2]
+    for run in result["runs"]:
+        names = [row["name"] for row in run["rows"]]
+        assert names == ["dense FFN", *(f"DAMoE {b}" for b in backends), "standard MoE (full experts)"]
+        for row in run["rows"][1:-1]:  # the DAMoE layers, checked against the fp32 reference
+            assert 0 <= row["max_rel_error_vs_reference"] <= 2e-2, row
+        assert set(run["fastest"].values()) <= set(backends)
+    assert result["auto_picks"] in backends and f"auto picks {result['auto_picks']!r}" in printed
+
+
+def _rows(forward: dict[str, float], train: dict[str, float]) -> list[dict]:
+    return [{"name": name, "forward_ms": forward[name], "train_step_ms": train[name]} for name in forward]
+
+
+def test_fastest_ignores_the_reference_and_the_dense_ffn():
+    rows = _rows({"dense FFN": 1.0, "DAMoE reference": 2.0, "DAMoE cpu": 5.0, "DAMoE torch": 4.0},
+                 {"dense FFN": 1.0, "DAMoE reference": 2.0, "DAMoE cpu": 3.0, "DAMoE torch": 4.0})
+    assert benchmark.fastest_damoe_backends(rows) == {"forward": "torch", "train_step": "cpu"}
+
+
+@pytest.mark.parametrize("auto, verdict", [("cpu", "SLOWER than the fastest measured in: forward;"),
+                                           ("torch", "SLOWER than the fastest measured in: train step;")])
+def testauto_line_flags_a_slower_choice(auto: str, verdict: str):
+    line = benchmark.auto_line(auto, {"forward": "torch", "train_step": "cpu"})
+    assert verdict in line and "fastest: forward torch, train step cpu" in line
+
+
+def testauto_line_confirms_the_fastest():
+    assert "(the fastest measured;" in benchmark.auto_line("cpu", {"forward": "cpu", "train_step": "cpu"})
