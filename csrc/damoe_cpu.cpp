@@ -221,6 +221,13 @@ void store_or_add(Vectorized<scalar_t> v, scalar_t* row, int64_t f, int64_t m, b
 
 // ---- rows in the storage type (the tile GEMMs' dtype) and in the compute type ----------------------
 
+// row[i] += add[i] for i < n.
+template <typename scalar_t>
+void add_row(const scalar_t* add, scalar_t* row, int64_t n) {
+  using V = Vectorized<scalar_t>;
+  for_each_vector<scalar_t>(n, [&](int64_t f, auto m) { (V::loadu(row + f, m) + V::loadu(add + f, m)).store(row + f, m); });
+}
+
 // Row `src` of n storage elements as compute-type values: the row itself when the types agree, else
 // converted into `scratch` (one pass over a row that stays in L1).
 template <typename acc_t, typename scalar_t>
@@ -427,8 +434,8 @@ void add_low_rank_and_bias(at::Tensor& y, const at::Tensor& V, const at::Tensor&
 // ---- forward ---------------------------------------------------------------------------------------
 
 struct ForwardTensors {
-  at::Tensor x, W1, b1, W2;  // contiguous, in the GEMM dtype
-  at::Tensor b2, p_sum, B2s;  // contiguous, in the compute dtype
+  at::Tensor x, W1, W2;          // contiguous, in the GEMM dtype
+  at::Tensor b1, b2, p_sum, B2s;  // contiguous, in the compute dtype
   at::Tensor y, pre;          // outputs in the GEMM dtype; pre undefined when not saved
   at::Tensor V;               // output in the compute dtype; undefined when fc2 is not adapted
 };
@@ -442,17 +449,24 @@ void forward_tiles(const Experts<acc_t>& X, ForwardTensors& ts) {
     at::Tensor mixed = at::empty({rows, F}, opts);
     at::Tensor rows_acc = at::empty({3, F}, opts.dtype(c10::CppTypeToScalarType<acc_t>::value));  // h, pre, mixed
     acc_t* h_row = rows_acc.data_ptr<acc_t>();
+    const acc_t* b1 = ptr_or_null<acc_t>(ts.b1);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t t0 = tile * rows, n = std::min(rows, T - t0);
       at::Tensor pre = ts.pre.defined() ? ts.pre.narrow(0, t0, n) : pre_scratch.narrow(0, 0, n);
       at::Tensor x_tile = ts.x.narrow(0, t0, n), y = ts.y.narrow(0, t0, n), m = mixed.narrow(0, 0, n);
-      if (ts.b1.defined()) at::addmm_out(pre, ts.b1, x_tile, ts.W1.t());
-      else at::mm_out(pre, x_tile, ts.W1.t());
+      at::mm_out(pre, x_tile, ts.W1.t());  // b1 is added per token: addmm_out would first copy it to every row
       for (int64_t t = 0; t < n; ++t) {
         scalar_t* m_row = row_of<scalar_t>(m, t, F);
+        scalar_t* pre_row = row_of<scalar_t>(pre, t, F);
         acc_t* mixed_acc = accumulator_row(m_row, h_row + 2 * F);
-        forward_token<acc_t, A>(X, t0 + t, compute_row(row_of<scalar_t>(pre, t, F), h_row + F, F), mixed_acc,
-                                row_of<acc_t>(ts.V, t0 + t, X.experts * X.rank), h_row);
+        acc_t* pre_acc = accumulator_row(pre_row, h_row + F);
+        compute_row(pre_row, pre_acc, F);
+        if (b1) {
+          add_row(b1, pre_acc, F);
+          if (ts.pre.defined()) store_row(pre_acc, pre_row, F);  // the saved pre-activation includes b1
+        }
+        forward_token<acc_t, A>(X, t0 + t, pre_acc, mixed_acc, row_of<acc_t>(ts.V, t0 + t, X.experts * X.rank),
+                                h_row);
         store_row(mixed_acc, m_row, F);
       }
       at::mm_out(y, m, ts.W2.t());
@@ -495,7 +509,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_moe_fwd_cpu(
   ForwardTensors ts;
   ts.x = contiguous_as(x, gemm);
   ts.W1 = contiguous_as(fc1_weight, gemm);
-  ts.b1 = optional_as(fc1_bias, gemm);
+  ts.b1 = optional_as(fc1_bias, dtype);
   ts.W2 = contiguous_as(fc2_weight, gemm);
   ts.b2 = optional_as(fc2_bias, dtype);
   const at::Tensor p = contiguous_as(weights, dtype), idx = contiguous_as(indices, at::kLong);
