@@ -34,7 +34,8 @@ def pytest_terminal_summary(terminalreporter, config):
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     terminalreporter.section("median relative to the dense FFN")
-    terminalreporter.write_line(f"{hardware_name(device)}; {isa_description(device) or 'GPU'}; torch {torch.__version__}")
+    hardware = f"{hardware_name(device)}; {isa_description(device) or 'GPU'}; torch {torch.__version__}"
+    terminalreporter.write_line(hardware)
     for group, medians in sorted(groups.items()):
         dense = medians.get("dense FFN")
         if dense is None:

@@ -1,8 +1,8 @@
 // CPU implementation of the dasam3 mixture-of-low-rank-experts ops (forward and backward).
 //
-// Tokens are processed in tiles of a few hundred rows: per tile, one BLAS GEMM computes the base pre-activation x W1ᵀ + b1, a vectorised
-// per-token pass adds each slot's low-rank term, applies the activation, combines the k slots into
-// m = Σ_j p_j h_j and shrinks h_j through its expert's A2, and a second GEMM gives m W2ᵀ.
+// Tokens are processed in tiles of a few hundred rows: per tile, one BLAS GEMM computes x W1ᵀ, a
+// vectorised per-token pass adds b1 and each slot's low-rank term, applies the activation, combines
+// the k slots into m = Σ_j p_j h_j and shrinks h_j through its expert's A2, and a second GEMM gives m W2ᵀ.
 // [T, k, d_ff] is never materialised; the backward recomputes h_j from the saved pre-activation.
 // Tiles run in parallel (at::parallel_for, OpenMP in PyTorch's builds) and the GEMMs inside a
 // parallel region run single-threaded, so a tile never leaves its core.
@@ -225,7 +225,9 @@ void store_or_add(Vectorized<scalar_t> v, scalar_t* row, int64_t f, int64_t m, b
 template <typename scalar_t>
 void add_row(const scalar_t* add, scalar_t* row, int64_t n) {
   using V = Vectorized<scalar_t>;
-  for_each_vector<scalar_t>(n, [&](int64_t f, auto m) { (V::loadu(row + f, m) + V::loadu(add + f, m)).store(row + f, m); });
+  for_each_vector<scalar_t>(n, [&](int64_t f, auto m) {
+    (V::loadu(row + f, m) + V::loadu(add + f, m)).store(row + f, m);
+  });
 }
 
 // Row `src` of n storage elements as compute-type values: the row itself when the types agree, else
@@ -263,8 +265,8 @@ void store_row(const acc_t* src, scalar_t* dst, int64_t n) {
     constexpr int64_t kHalf = Vectorized<float>::size();
     int64_t i = 0;
     for (; i + H::size() <= n; i += H::size()) {
-      at::vec::convert_from_float<scalar_t>(Vectorized<float>::loadu(src + i), Vectorized<float>::loadu(src + i + kHalf))
-          .store(dst + i);
+      const auto lo = Vectorized<float>::loadu(src + i), hi = Vectorized<float>::loadu(src + i + kHalf);
+      at::vec::convert_from_float<scalar_t>(lo, hi).store(dst + i);
     }
     for (; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
   }

@@ -122,33 +122,40 @@ def check_contenders(contenders: dict[str, Contender]) -> dict[str, float]:
     return errors
 
 
+# What a measurement reads: wall time, or the CPU time of the whole process (all its threads), which
+# a loaded machine inflates far less (time spent descheduled is not counted; OpenMP's spin-waiting is).
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 def interleaved_medians(fns: dict[str, Callable[[], object]], min_run_time: float = 1.0,
-                        min_repeats: int = 5) -> dict[str, float]:
-    """Median wall time in ms of each function, after one warm-up call each, the functions run in turn
-    (round robin) so that load from other processes hits them alike; CUDA synchronised around calls.
-    Rounds continue until every function has `min_repeats` runs and the slowest `min_run_time` seconds."""
+                        min_repeats: int = 5, clock: str = "wall") -> dict[str, float]:
+    """Median time in ms (`clock`: a CLOCKS name) of each function, after one warm-up call each, the
+    functions run in turn (round robin) so that load from other processes hits them alike; CUDA
+    synchronised around calls.  Rounds continue until every function has `min_repeats` runs and the
+    slowest `min_run_time` seconds."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    now = CLOCKS[clock]
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     while min(map(len, times.values())) < min_repeats or max(map(sum, times.values())) < min_run_time:
         for name, fn in fns.items():
             sync()
-            start = time.perf_counter()
+            start = now()
             fn()
             sync()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(now() - start)
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
 def run(shape: BenchShape = BenchShape(), device: str = "cpu", dtype: torch.dtype = torch.float32,
         backends: list[str] | None = None, min_run_time: float = 1.0, autocast: bool = False,
-        threads: list[int] | None = None) -> dict:
+        threads: list[int] | None = None, clock: str = "wall") -> dict:
     """Time every contender side by side (forward, training step) once per thread count (CPU; default:
     the current count), with ratios to the dense FFN, the choice "auto" makes and the param table."""
     contenders = build_contenders(shape, device, dtype, backends, autocast=autocast)
     errors = check_contenders(contenders)
-    runs = [_timed_run(contenders, errors, min_run_time, n) for n in threads or [torch.get_num_threads()]]
+    runs = [_timed_run(contenders, errors, min_run_time, n, clock) for n in threads or [torch.get_num_threads()]]
     dpe = param_report(next(c.module for c in contenders.values() if isinstance(c.module, DAMoE)))
     full = param_report(contenders["standard MoE (full experts)"].module)
     return {
@@ -157,19 +164,24 @@ def run(shape: BenchShape = BenchShape(), device: str = "cpu", dtype: torch.dtyp
         "precision": f"fp32 modules under torch.autocast({torch.device(device).type!r}, {dtype})" if autocast
         else f"modules and input in {dtype}",
         "auto_picks": resolve_backend("auto", torch.device(device), dtype=dtype).name,
-        "torch": torch.__version__, "runs": runs,
+        "torch": torch.__version__, "clock": clock, "load_average": _load_average(), "runs": runs,
         "params": {"dpe_trainable": dpe.damoe_added, "full_experts_trainable": full.damoe_added,
                    "reduction": dpe.reduction},
     }
 
 
+def _load_average() -> list[float] | None:
+    """The 1/5/15-minute load averages at the end of the run (other processes' load skews timings)."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
 def _timed_run(contenders: dict[str, Contender], errors: dict[str, float], min_run_time: float,
-               threads: int) -> dict:
+               threads: int, clock: str) -> dict:
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        forward = interleaved_medians({n: c.forward for n, c in contenders.items()}, min_run_time)
-        train = interleaved_medians({n: c.train_step for n, c in contenders.items()}, min_run_time)
+        forward = interleaved_medians({n: c.forward for n, c in contenders.items()}, min_run_time, clock=clock)
+        train = interleaved_medians({n: c.train_step for n, c in contenders.items()}, min_run_time, clock=clock)
     finally:
         torch.set_num_threads(previous)
     rows = [{"name": name, "forward_ms": forward[name], "train_step_ms": train[name],
@@ -225,6 +237,7 @@ def format_report(result: dict) -> str:
         f"x [{shape['batch']}, {shape['tokens']}, {shape['d_model']}], F = {shape['d_ff']}, E = {shape['experts']}, "
         f"k = {shape['top_k']}, r = {shape['rank']}, {shape['activation']}, {result['precision']}, "
         f"{result['device']} ({result['hardware']}), torch {result['torch']}",
+        f"median {result['clock']} time, contenders interleaved; load average at the end: {result['load_average']}",
     ]
     if result["isa"]:
         lines.append(result["isa"])

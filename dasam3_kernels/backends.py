@@ -21,13 +21,15 @@ BACKENDS = ("auto", "reference", "torch", "triton", "cuda", "cpu")
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 
 # backend="auto" on the CPU, fastest first per compute dtype (x's dtype, or autocast's), as measured by
-# `python -m dasam3 bench --dtype D` at SAM3's shape (forward and training step, 1 and 2 threads;
-# benchmarks/results/cpu_bench_*.json, and `dasam3 bench` flags a run where a slower backend wins):
-# - float32: the fused kernel 0.85-1.0x the dense FFN, torch 1.4-1.8x (AMD EPYC AVX512, Intel Xeon AMX);
-# - bfloat16: both run bf16 GEMMs (oneDNN: AVX512-BF16 / AMX), the fused kernel's per-token passes
-#   beat torch's chunked elementwise passes (EPYC AVX512-BF16: see cpu_bench_bf16_*.json);
-# - float16: without AVX512-FP16/AMX-FP16 the fused kernel runs its GEMMs in fp32 while torch runs
-#   emulated fp16 GEMMs (~4x slower than fp32 on the EPYC), so the fused kernel wins there too.
+# `python -m dasam3 bench --dtype D --activation A --threads 1 2` at SAM3's shape, forward and training
+# step (benchmarks/results/cpu_bench_*.json; `dasam3 bench` flags a run in which auto's pick is slower):
+# - float32: fused 0.97-0.98x the dense FFN forward, 1.03-1.08x training; torch 1.32-1.34x / 1.71-1.74x
+#   (AMD EPYC AVX512; the issue-12 Intel Xeon AMX run: fused 0.94-1.04x / 1.22-1.26x, torch 1.78x / 2.51x);
+# - bfloat16 (autocast): both multiply in bf16 (oneDNN: AVX512-BF16 / AMX), the fused kernel's per-token
+#   passes beat torch's chunked elementwise passes: fused 1.03-1.64x / 1.69-1.91x, torch 1.67-1.88x /
+#   2.88-3.13x (EPYC AVX512-BF16);
+# - float16: without AVX512-FP16/AMX-FP16 the fused kernel multiplies in fp32 while torch runs emulated
+#   fp16 GEMMs: forward 233 ms fused vs 1858 ms torch (EPYC, 1 thread, benchmarks/bench_cpu_kernel.py).
 _CPU_AUTO_ORDER = {torch.float32: ("cpu", "torch"), torch.bfloat16: ("cpu", "torch"),
                    torch.float16: ("cpu", "torch")}
 

@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", nargs="+", default=None, help="default: every backend available")
     parser.add_argument("--min-time", type=float, default=1.0,
                         help="seconds of timing per measurement (the slowest contender's)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="'cpu': the process's CPU time, far less inflated by other processes' load "
+                             "than wall time (best at 1 thread: OpenMP's spin-waiting counts)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
 
 
@@ -46,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     shape = benchmark.BenchShape(args.batch, args.tokens, args.d_model, args.d_ff, args.experts, args.top_k,
                                  args.rank, args.activation)
     result = benchmark.run(shape, args.device, dtype, args.backends, args.min_time, autocast=autocast,
-                           threads=args.threads)
+                           threads=args.threads, clock=args.clock)
     print(benchmark.format_report(result))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

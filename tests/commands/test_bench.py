@@ -17,7 +17,8 @@ def test_bench_bf16_autocast_names_hardware_and_scales_threads(tmp_path, capsys)
     out = tmp_path / "bench.json"
     backends = [b for b in ("cpu", "torch") if b in available_backends("cpu")]
     assert main(["bench", "--dtype", "bf16", "--threads", "1", "2", "--batch", "1", "--tokens", "24", "--d-model",
-                 "16", "--d-ff", "32", "--backends", *backends, "--min-time", "0", "--json", str(out)]) == 0
+                 "16", "--d-ff", "32", "--backends", *backends, "--min-time", "0", "--clock", "cpu",
+                 "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     printed = capsys.readouterr().out
     assert result["precision"] == "fp32 modules under torch.autocast('cpu', torch.bfloat16)"
@@ -31,6 +32,7 @@ def test_bench_bf16_autocast_names_hardware_and_scales_threads(tmp_path, capsys)
             assert 0 <= row["max_rel_error_vs_reference"] <= 2e-2, row
         assert set(run["fastest"].values()) <= set(backends)
     assert result["auto_picks"] in backends and f"auto picks {result['auto_picks']!r}" in printed
+    assert result["clock"] == "cpu" and len(result["load_average"]) == 3
 
 
 def _rows(forward: dict[str, float], train: dict[str, float]) -> list[dict]:
@@ -52,3 +54,12 @@ def testauto_line_flags_a_slower_choice(auto: str, verdict: str):
 
 def testauto_line_confirms_the_fastest():
     assert "(the fastest measured;" in benchmark.auto_line("cpu", {"forward": "cpu", "train_step": "cpu"})
+
+
+@pytest.mark.parametrize("clock", sorted(benchmark.CLOCKS))
+def test_interleaved_medians_time_each_function_in_turn(clock: str):
+    calls: list[str] = []
+    medians = benchmark.interleaved_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                            min_run_time=0.0, min_repeats=3, clock=clock)
+    assert calls == ["a", "b"] * 4  # one warm-up each, then three rounds
+    assert set(medians) == {"a", "b"} and all(ms >= 0 for ms in medians.values())
