@@ -113,6 +113,8 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_y, *_unused_grads):
+    if grad_y is None:  # y got no gradient (grads are not materialised): none for any input
+        return (None,) * 14
     x, indices, weights, W1, W2, b2, A1, B1, A2, B2, pre, U, V = ctx.saved_tensors
     scale, activation, saved = ctx.config
     if not saved:
