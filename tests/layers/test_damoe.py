@@ -394,9 +394,9 @@ def loaders(monkeypatch):
     """The backend loaders, patchable; the load cache is cleared before and after."""
     from dasam3_kernels import backends
 
-    backends._load_or_error.cache_clear()
+    backends.forget_loaded()
     yield lambda name, loader: monkeypatch.setitem(backends._LOADERS, name, loader)
-    backends._load_or_error.cache_clear()
+    backends.forget_loaded()
 
 
 def test_unavailable_named_backend_is_a_runtime_error_and_auto_never_raises(loaders):
