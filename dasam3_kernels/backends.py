@@ -18,8 +18,23 @@ from . import reference, routing, torch_path
 
 BACKENDS = ("auto", "reference", "torch", "triton", "cuda", "cpu")
 
-# Fastest first, per device type, for backend="auto".
+# Fastest first, per device type, for backend="auto" (on CUDA it also depends on the dtype: _cuda_order).
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+
+
+def _cuda_order(dtype: torch.dtype | None) -> tuple[str, ...]:
+    """"auto" on a GPU: fp16/bf16 run the fused kernels.  fp32 runs Triton's only on TF32 tensor cores,
+    where torch allows TF32 (`torch.backends.cuda.matmul.allow_tf32`); exact fp32 `tl.dot`s use no
+    tensor core and lose to cuBLAS, so the torch path (cuBLAS) takes fp32 otherwise, and fp64 always."""
+    if dtype is None or dtype in (torch.float16, torch.bfloat16):
+        return _AUTO_ORDER["cuda"]
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return ("triton", "torch")
+    return ("torch",)
+
+
+def _auto_order(device: torch.device, dtype: torch.dtype | None) -> tuple[str, ...]:
+    return _cuda_order(dtype) if device.type == "cuda" else _AUTO_ORDER.get(device.type, ())
 
 
 @dataclass(frozen=True)
@@ -130,14 +145,14 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 
 
 def resolve_backend(name: str, device: torch.device, *, full_experts: bool = False,
-                    dropout: bool = False, gated: bool = False) -> Backend:
-    """The backend that runs a forward on `device`.
+                    dropout: bool = False, gated: bool = False, dtype: torch.dtype | None = None) -> Backend:
+    """The backend that runs a forward on `device` (with the experts computing in `dtype`).
 
     "auto" takes the fastest one that can run this call.  A named backend must be able to run it,
     except for dropout in training, which the fused kernels leave to the torch path.
     """
     if name == "auto":
-        for candidate in _AUTO_ORDER.get(device.type, ()):
+        for candidate in _auto_order(device, dtype):
             backend = _try_load(candidate)
             if backend is not None and _serves(backend, device, full_experts, dropout, gated):
                 return backend

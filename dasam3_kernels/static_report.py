@@ -102,6 +102,15 @@ def read_cubin(path: Path) -> dict[str, dict]:
     return kernels
 
 
+def toolkit_ptxas() -> Path:
+    """The CUDA toolkit's ptxas (it reads the PTX its own nvcc wrote; the wheel's may be older), else the wheel's."""
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    for home in filter(None, homes):
+        if (Path(home) / "bin" / "ptxas").exists():
+            return Path(home) / "bin" / "ptxas"
+    return tool("ptxas")
+
+
 # -- Triton: the launches of one layer step, recorded on meta tensors --------------------------------
 
 
@@ -244,6 +253,7 @@ _CUDA_TEMPLATE = re.compile(r"(forward|backward)_kernel<(c10::Half|c10::BFloat16
                             r"(forward|backward)_kernel<(c10::Half|c10::BFloat16|float|double), \w+, "
                             r"\(dasam3::Activation\)(\d)>")
 _CUDA_DTYPES = {"c10::Half": "fp16", "c10::BFloat16": "bf16", "float": "fp32", "double": "fp64"}
+_CUDA_ACTIVATIONS = ACTIVATIONS  # csrc/damoe_common.h's Activation enum lists them in this order
 
 
 def _demangle(names: list[str]) -> list[str]:
@@ -262,7 +272,7 @@ def cuda_entries(arch: str, library: Path, cubin_dir: Path) -> list[Entry]:
                                  text=True).stdout
         cubin = cubin_dir / f"{arch}_damoe_cuda.cubin"
         started = time.perf_counter()
-        if f"sm_{capability}" in listing and ".cubin" in listing:
+        if f"sm_{capability}.cubin" in listing:
             subprocess.run([tool("cuobjdump"), "-xelf", "all", str(library)], cwd=tmp, check=True,
                            capture_output=True)
             elfs = [p for p in Path(tmp).glob("*.cubin") if f"sm_{capability}" in p.name]
@@ -275,7 +285,7 @@ def cuda_entries(arch: str, library: Path, cubin_dir: Path) -> list[Entry]:
             ptx = sorted(Path(tmp).glob("*.ptx"))
             if not ptx:
                 return []
-            subprocess.run([tool("ptxas"), f"-arch=sm_{capability}", "-O3", str(ptx[0]), "-o", str(cubin)],
+            subprocess.run([toolkit_ptxas(), f"-arch=sm_{capability}", "-O3", str(ptx[0]), "-o", str(cubin)],
                            check=True, capture_output=True)
         seconds = time.perf_counter() - started
     usage = read_cubin(cubin)
@@ -287,7 +297,7 @@ def cuda_entries(arch: str, library: Path, cubin_dir: Path) -> list[Entry]:
         kind, dtype, act = (match[1], match[2], match[3]) if match[1] else (match[4], match[5], match[6])
         u = usage[mangled]
         entries.append(Entry(
-            kernel=f"cuda {kind}_kernel", arch=arch, dtype=_CUDA_DTYPES[dtype], activation=ACTIVATIONS[int(act)],
+            kernel=f"cuda {kind}_kernel", arch=arch, dtype=_CUDA_DTYPES[dtype], activation=_CUDA_ACTIVATIONS[int(act)],
             config={"threads": 256, "tile": "64x64"}, registers=u.get("registers", 0), spill_bytes=u.get("stack", 0),
             shared_bytes=u.get("shared", 0), tensor_core_instructions=u.get("tensor_core", 0),
             compile_s=round(seconds, 2), cubin=str(cubin), source="cuda",

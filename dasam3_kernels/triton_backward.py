@@ -58,11 +58,15 @@ def _backward_kernel(
 
     if HAS_BIAS:
         b1 = tl.load(b1_ptr + offs_f, mask=mask_f, other=0.0).to(ACC)
-    if HAS_FC1_LORA:  # [E·r, BF]
-        b1t = load_stacked(bb1_ptr, offs_c, offs_f, mask_f, RANK, ER, stride_b1e, stride_b1q, stride_b1f, False).to(DOT)
-        db1 = tl.zeros((BLOCK_F, ER_PAD), dtype=ACC)
-    if HAS_FC2_LORA:  # [BF, E·r]
-        a2t = load_stacked(a2_ptr, offs_c, offs_f, mask_f, RANK, ER, stride_a2e, stride_a2q, stride_a2f, True).to(DOT)
+    # The small [·, E·r] products are written so that no [BT, BF] tile is ever the left operand of a dot
+    # (v_jᵀ = A2 h_jᵀ, not h_j A2ᵀ): a chain like that makes Triton split the warps along tokens only, so
+    # every warp holds whole [K, BF] operands, and the kernel spills.  Hence the E·r-by-token ("T")
+    # copies of u, g B2 and the segment masks.
+    if HAS_FC1_LORA:  # B1 stacked [E·r, BF]
+        b1s = load_stacked(bb1_ptr, offs_c, offs_f, mask_f, RANK, ER, stride_b1e, stride_b1q, stride_b1f, False).to(DOT)
+        db1 = tl.zeros((ER_PAD, BLOCK_F), dtype=ACC)
+    if HAS_FC2_LORA:  # A2 stacked [E·r, BF]
+        a2s = load_stacked(a2_ptr, offs_c, offs_f, mask_f, RANK, ER, stride_a2e, stride_a2q, stride_a2f, False).to(DOT)
         da2 = tl.zeros((ER_PAD, BLOCK_F), dtype=ACC)
 
     for tile in range(pid_s, tl.cdiv(T, BLOCK_T), TOKEN_SPLITS):
@@ -84,34 +88,41 @@ def _backward_kernel(
             pre += b1[None, :]
         if HAS_FC1_LORA:
             u = load_tile(u_ptr, rows, offs_c, mask_t, mask_c, stride_ut, stride_uc).to(ACC)
+            u_t = load_tile(u_ptr, offs_c, rows, mask_c, mask_t, stride_uc, stride_ut).to(ACC)
         if HAS_FC2_LORA:
             gb2 = load_tile(gb2_ptr, rows, offs_c, mask_t, mask_c, stride_gbt, stride_gbc).to(ACC)
+            gb2_t = load_tile(gb2_ptr, offs_c, rows, mask_c, mask_t, stride_gbc, stride_gbt).to(ACC)
 
         grad_pre = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC)
-        grad_u = tl.zeros((BLOCK_T, ER_PAD), dtype=ACC)
+        grad_u_t = tl.zeros((ER_PAD, BLOCK_T), dtype=ACC)
         # A loop, not unrolled: unrolled, the slots' [BT, BF] temporaries are live together and spill.
         for j in range(K_SLOTS):
             p, seg = load_slot(idx_ptr, p_ptr, rows, mask_t, j, stride_it, stride_ij, stride_pt, stride_pj, offs_c, RANK,
                                ER, ACC)
+            experts = tl.load(idx_ptr + rows * stride_it + j * stride_ij, mask=mask_t, other=-1)
+            seg_t = ((offs_c[:, None] // RANK) == experts[None, :]) & mask_c[:, None]  # [E·r, BT]
             z = pre
             if HAS_FC1_LORA:
-                z, u_j = lora_expand(pre, u, seg, b1t, scale, DOT, ACC, PRECISION)
+                z, _ = lora_expand(pre, u, seg, b1s, scale, DOT, ACC, PRECISION)
             h, dh = activation_and_grad(z, ACTIVATION)
             dp = tl.sum(h * grad_m, axis=1)
             grad_h = grad_m * p[:, None]
             if HAS_FC2_LORA:
                 hd = h.to(DOT)
-                v_j = tl.dot(hd, a2t, input_precision=PRECISION, out_dtype=ACC)
-                dp += scale * tl.sum(tl.where(seg, v_j * gb2, 0.0), axis=1)
+                v_t = tl.dot(a2s, tl.trans(hd), input_precision=PRECISION, out_dtype=ACC)  # (h_j A2ᵀ)ᵀ
+                dp += scale * tl.sum(tl.where(seg_t, v_t * gb2_t, 0.0), axis=0)
                 grad_v = (tl.where(seg, gb2, 0.0) * (scale * p)[:, None]).to(DOT)
-                grad_h += tl.dot(grad_v, tl.trans(a2t), input_precision=PRECISION, out_dtype=ACC)
-                da2 = tl.dot(tl.trans(grad_v), hd, da2, input_precision=PRECISION)
+                grad_v_t = (tl.where(seg_t, gb2_t, 0.0) * (scale * p)[None, :]).to(DOT)
+                grad_h += tl.dot(grad_v, a2s, input_precision=PRECISION, out_dtype=ACC)
+                da2 = tl.dot(grad_v_t, hd, da2, input_precision=PRECISION)
             grad_z = grad_h * dh
             grad_pre += grad_z
             if HAS_FC1_LORA:
                 grad_zd = grad_z.to(DOT)
-                grad_u += tl.where(seg, tl.dot(grad_zd, tl.trans(b1t), input_precision=PRECISION, out_dtype=ACC), 0.0)
-                db1 = tl.dot(tl.trans(grad_zd), u_j, db1, input_precision=PRECISION)
+                grad_u_t += tl.where(seg_t, tl.dot(b1s, tl.trans(grad_zd), input_precision=PRECISION, out_dtype=ACC),
+                                     0.0)
+                u_jt = tl.where(seg_t, u_t, 0.0).to(DOT)
+                db1 = tl.dot(u_jt, grad_zd, db1, input_precision=PRECISION)
             dp_ptrs = dp_ptr + split_f * stride_dps + rows * stride_dpt + j * stride_dpj
             if ATOMIC:
                 tl.atomic_add(dp_ptrs, dp, mask=mask_t)
@@ -121,12 +132,12 @@ def _backward_kernel(
         tl.store(gpre_ptr + rows[:, None] * stride_gpt + offs_f[None, :] * stride_gpf,
                  grad_pre.to(gpre_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_f[None, :])
         if HAS_FC1_LORA:
-            gu_ptrs = gu_ptr + split_f * stride_gus + rows[:, None] * stride_gut + offs_c[None, :] * stride_guc
-            mask_tc = mask_t[:, None] & mask_c[None, :]
+            gu_ptrs = gu_ptr + split_f * stride_gus + offs_c[:, None] * stride_guc + rows[None, :] * stride_gut
+            mask_ct = mask_c[:, None] & mask_t[None, :]
             if ATOMIC:
-                tl.atomic_add(gu_ptrs, grad_u * scale, mask=mask_tc)
+                tl.atomic_add(gu_ptrs, grad_u_t * scale, mask=mask_ct)
             else:
-                tl.store(gu_ptrs, grad_u * scale, mask=mask_tc)
+                tl.store(gu_ptrs, grad_u_t * scale, mask=mask_ct)
 
     # This program's share of the weight gradients, written straight into [E, r, F] / [E, F, r] layout.
     if HAS_FC2_LORA:
@@ -137,12 +148,12 @@ def _backward_kernel(
         else:
             tl.store(da2_ptrs, da2, mask=mask_c[:, None] & mask_f[None, :])
     if HAS_FC1_LORA:
-        db1_ptrs = db1_ptr + split_t * stride_db1s + factor_offsets(offs_c[None, :], offs_f[:, None], RANK,
+        db1_ptrs = db1_ptr + split_t * stride_db1s + factor_offsets(offs_c[:, None], offs_f[None, :], RANK,
                                                                      stride_db1e, stride_db1q, stride_db1f)
         if ATOMIC:
-            tl.atomic_add(db1_ptrs, db1 * scale, mask=mask_f[:, None] & mask_c[None, :])
+            tl.atomic_add(db1_ptrs, db1 * scale, mask=mask_c[:, None] & mask_f[None, :])
         else:
-            tl.store(db1_ptrs, db1 * scale, mask=mask_f[:, None] & mask_c[None, :])
+            tl.store(db1_ptrs, db1 * scale, mask=mask_c[:, None] & mask_f[None, :])
 
 
 _GPU_CONFIGS = [

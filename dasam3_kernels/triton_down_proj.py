@@ -45,9 +45,10 @@ def _down_projection_kernel(
 
     if HAS_LORA:  # one more K-chunk: the stacked rank of all experts
         offs_c = tl.arange(0, ER_PAD)
-        mid = load_tile(mid_ptr, rows, offs_c, mask_t, offs_c < ER, stride_mt, stride_mc).to(DOT)
+        # s folded into mid, so the chunk accumulates into acc: a second [BT, BN] result would spill at 128 x 256.
+        mid = load_tile(mid_ptr, rows, offs_c, mask_t, offs_c < ER, stride_mt, stride_mc).to(ACC) * scale
         fac = load_stacked(fac_ptr, offs_c, offs_n, mask_n, RANK, ER, stride_fe, stride_fq, stride_fn, False).to(DOT)
-        acc += scale * tl.dot(mid, fac, input_precision=PRECISION, out_dtype=ACC)
+        acc = tl.dot(mid.to(DOT), fac, acc, input_precision=PRECISION)
     if HAS_BIAS:  # Σ_j p_j b2: the reference's function of p even when p does not sum to one
         p_sum = tl.zeros((BLOCK_T,), dtype=ACC)
         for j in tl.static_range(K_SLOTS):
@@ -60,7 +61,7 @@ def _down_projection_kernel(
 
 _GPU_CONFIGS = [
     triton.Config({"BLOCK_T": bt, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for bt, bn, bk, w, s in ((128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3))
+    for bt, bn, bk, w, s in ((128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 32, 8, 4))
 ]
 _tuned = autotuned(_down_projection_kernel, _GPU_CONFIGS, key=["N", "K", "ER"])
 

@@ -202,7 +202,7 @@ class DAMoE(nn.Module):
         compute_dtype = _autocast_dtype(x.device) or x.dtype
         dropout_active = self.training and self.dropout > 0
         backend = resolve_backend(self.backend, x.device, full_experts=self.expert_type == "full",
-                                  dropout=dropout_active, gated=self.gated)
+                                  dropout=dropout_active, gated=self.gated, dtype=compute_dtype)
         if dropout_active and self.backend not in ("auto", backend.name):
             _warn_once(f"backend {self.backend!r} has no dropout; training with dropout runs the torch path")
 
