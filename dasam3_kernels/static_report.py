@@ -178,9 +178,9 @@ def _compile(launch, config: dict, target):
 
 
 def _public_config(kwargs: dict, config: dict) -> dict:
-    merged = {**{k: v for k, v in kwargs.items() if k.startswith("BLOCK_")}, **config}
-    keep = ("num_warps", "num_stages")
-    return {k: v for k, v in merged.items() if k.startswith("BLOCK_") or k in keep}
+    """Block sizes, num_warps and num_stages of one launch (the fixed config lives in the kwargs)."""
+    merged = {**kwargs, **config}
+    return {k: v for k, v in merged.items() if k.startswith("BLOCK_") or k in ("num_warps", "num_stages")}
 
 
 def _programs(grid, config: dict) -> int:
