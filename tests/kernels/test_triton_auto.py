@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dasam3_kernels import available_backends, resolve_backend
+from dasam3_kernels import resolve_backend
 
+pytest.importorskip("triton")
 CUDA = torch.device("cuda")
-pytestmark = pytest.mark.skipif("triton" not in available_backends("cuda") and "triton" not in
-                                available_backends("cpu"), reason="needs the triton backend")
 
 
 @pytest.fixture
