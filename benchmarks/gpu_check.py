@@ -11,18 +11,21 @@ training step is forward + backward with gradients for x and every trainable par
 factors and router for the MoE variants; x alone for the frozen dense FFN).  `ops` times the expert
 ops alone on one fixed routing (the router and aux losses left out).
 
-`--device cpu` (with TRITON_INTERPRET=1 and small shapes) is a smoke test of this script, not a
-measurement: plain wall-clock medians, no graphs, no memory figures.
+Every contender is timed in its own guard: an error is recorded in its place and the others go on,
+and the JSON is rewritten after each one, so a run cut short keeps what it measured.
+
+`--dry-run` walks every contender on the CPU at a toy shape (set TRITON_INTERPRET=1 for the Triton
+ones) and writes nothing: it proves the wiring, it measures nothing.  `--device cpu` with small shapes
+is the same smoke test with a JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -52,8 +55,27 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="gelu: the layer's default; relu: SAM3's fusion-encoder FFN")
     parser.add_argument("--tests-exit-code", type=int, default=None, help="recorded in the JSON (gpu_check.sh)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: smoke test only")
-    parser.add_argument("--out", type=Path, required=True, help="JSON file to write (must not exist)")
-    return parser.parse_args(argv)
+    parser.add_argument("--out", type=Path, default=None, help="JSON file to write (must not exist)")
+    parser.add_argument("--dry-run", action="store_true", help="every contender on the CPU at a toy shape, no file")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        args.device, args.out = "cpu", None
+        args.tokens, args.d_model, args.d_ff, args.activations = 16, 16, 32, args.activations[:1]
+    elif args.out is None:
+        parser.error("--out is required (or --dry-run)")
+    return args
+
+
+def guarded(name: str, measure: Callable[[], dict]) -> dict:
+    """`measure()`, or {"error": ...} when it raises: one failing contender must not lose the others."""
+    try:
+        return measure()
+    except Exception as error:  # noqa: BLE001  (any failure of a contender is a result to record)
+        traceback.print_exc()
+        print(f"  {name} failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return {"error": f"{type(error).__name__}: {error}"}
 
 
 def _bench(fn: Callable[[], object], graph: bool) -> float | None:
@@ -117,31 +139,31 @@ def _layer(args, activation: str, backend: str, expert_type: str, device, dtype)
     return layer
 
 
-def _layer_variants(args, activation, x, grad_out) -> dict:
-    device, dtype = x.device, x.dtype
-    results = {}
-    fc1 = torch.nn.Linear(args.d_model, args.d_ff, device=device, dtype=dtype).requires_grad_(False)
-    fc2 = torch.nn.Linear(args.d_ff, args.d_model, device=device, dtype=dtype).requires_grad_(False)
+# name: (backend, expert_type) of the layer contenders; the dense FFN is timed first, as the baseline.
+LAYER_VARIANTS = {"torch": ("torch", "lowrank"), "standard_moe": ("auto", "full"), "triton": ("triton", "lowrank"),
+                  "cuda": ("cuda", "lowrank")}
+OP_VARIANTS = ("torch", "triton", "cuda")
+
+
+def _dense(args, activation, x, grad_out) -> dict:
+    fc1 = torch.nn.Linear(args.d_model, args.d_ff, device=x.device, dtype=x.dtype).requires_grad_(False)
+    fc2 = torch.nn.Linear(args.d_ff, args.d_model, device=x.device, dtype=x.dtype).requires_grad_(False)
     act = activation_fn(activation)
-    print(f"[{activation}] dense", flush=True)
-    results["dense"] = _timed(lambda: fc2(act(fc1(x))), [x], grad_out)
-    variants = {"torch": ("torch", "lowrank"), "standard_moe": ("auto", "full"), "triton": ("triton", "lowrank")}
-    for name, (backend, expert_type) in variants.items():
-        print(f"[{activation}] {name}", flush=True)
-        try:
-            layer = _layer(args, activation, backend, expert_type, device, dtype)
-        except (RuntimeError, ValueError) as error:
-            results[name] = {"error": str(error)}
-            continue
-        leaves = [x, *(p for p in layer.parameters() if p.requires_grad)]
-        results[name] = _timed(lambda layer=layer: layer(x), leaves, grad_out, module=layer)
-        results[name]["backend"] = layer.backend if backend != "auto" else \
-            resolve_backend("auto", x.device, full_experts=expert_type == "full").name
-    return results
+    return _timed(lambda: fc2(act(fc1(x))), [x], grad_out)
 
 
-def _op_variants(args, activation, x, grad_out) -> dict:
-    """The expert ops alone (fixed routing): the torch path against the fused kernels."""
+def _layer_variant(args, activation, x, grad_out, backend: str, expert_type: str) -> dict:
+    layer = _layer(args, activation, backend, expert_type, x.device, x.dtype)
+    leaves = [x, *(p for p in layer.parameters() if p.requires_grad)]
+    result = _timed(lambda: layer(x), leaves, grad_out, module=layer)
+    result["backend"] = layer.backend if backend != "auto" else \
+        resolve_backend("auto", x.device, full_experts=expert_type == "full", dtype=x.dtype).name
+    return result
+
+
+def _op_variant(args, activation, x, grad_out, name: str) -> dict:
+    """The expert op of backend `name` alone, on one fixed routing."""
+    op = load_backend(name).lowrank_moe
     layer = _layer(args, activation, "torch", "lowrank", x.device, x.dtype)
     with torch.no_grad():
         indices, weights, _ = routing.route(x, layer.router.token_proj.weight, layer.router.token_proj.bias, None,
@@ -149,13 +171,35 @@ def _op_variants(args, activation, x, grad_out) -> dict:
     weights.requires_grad_()
     lora = [layer.fc1_lora_A, layer.fc1_lora_B, layer.fc2_lora_A, layer.fc2_lora_B]
     frozen = [layer.fc1.weight, layer.fc1.bias, layer.fc2.weight, layer.fc2.bias]
-    results = {}
-    for name in ("torch", "triton"):
-        op = load_backend(name).lowrank_moe
-        print(f"[{activation}] op {name}", flush=True)
-        results[name] = _timed(lambda op=op: op(x, indices, weights, *frozen, *lora, layer.scale, activation),
-                               [x, weights, *lora], grad_out)
-    return results
+    return _timed(lambda: op(x, indices, weights, *frozen, *lora, layer.scale, activation),
+                  [x, weights, *lora], grad_out)
+
+
+def unavailable(backend: str, device: torch.device) -> str | None:
+    """Why `backend` cannot run on `device` (what is missing, how to get it), or None."""
+    if backend == "auto":
+        return None
+    try:
+        return load_backend(backend).device_error(device)
+    except RuntimeError as error:
+        return str(error)
+
+
+def contenders(args, activation, x, grad_out) -> dict:
+    """(table, name) → the measurement to run: the dense baseline, the layers, the bare ops; a contender
+    whose backend cannot run here is recorded as skipped, with the reason."""
+    def skipped(reason):
+        return lambda: {"skipped": reason}
+
+    runs = {("layers", "dense"): lambda: _dense(args, activation, x, grad_out)}
+    for name, (backend, expert_type) in LAYER_VARIANTS.items():
+        reason = unavailable(backend, x.device)
+        runs["layers", name] = skipped(reason) if reason else \
+            lambda b=backend, e=expert_type: _layer_variant(args, activation, x, grad_out, b, e)
+    for name in OP_VARIANTS:
+        reason = unavailable(name, x.device)
+        runs["ops", name] = skipped(reason) if reason else lambda n=name: _op_variant(args, activation, x, grad_out, n)
+    return runs
 
 
 # name: (numerator, denominator), each (table, variant, timing).
@@ -197,7 +241,7 @@ def _autotuned_configs() -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.out.exists():
+    if args.out is not None and args.out.exists():
         print(f"{args.out} exists; pass a new --out", file=sys.stderr)
         return 2
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -221,18 +265,22 @@ def main(argv=None) -> int:
         "goals": GOALS,
         "results": {},
     }
-    for activation in args.activations:  # written after each, so a cut-short run still leaves figures
-        layers = _layer_variants(args, activation, x, grad_out)
-        ops = _op_variants(args, activation, x, grad_out)
-        payload["results"][activation] = {"layers": layers, "ops": ops,
-                                          "ratios": _ratios({"layers": layers, "ops": ops})}
-        payload["autotuned_configs"] = _autotuned_configs()
-        payload["benchmark_seconds"] = round(time.time() - started, 1)
-        write_text(args.out, json.dumps(payload, indent=2) + "\n")
-        if os.environ.get("OUT"):
-            shutil.copy(args.out, Path(os.environ["OUT"]) / args.out.name)
-        print(json.dumps({activation: payload["results"][activation]["ratios"]}, indent=2))
-    return 0
+    failures = 0
+    for activation in args.activations:
+        tables = payload["results"][activation] = {"layers": {}, "ops": {}}
+        for (table, name), measure in contenders(args, activation, x, grad_out).items():
+            print(f"[{activation}] {table} {name}", flush=True)
+            tables[table][name] = guarded(f"{table} {name}", measure)
+            failures += "error" in tables[table][name]
+            tables["ratios"] = _ratios(tables)
+            payload["autotuned_configs"] = _autotuned_configs()
+            payload["benchmark_seconds"] = round(time.time() - started, 1)
+            if args.out is not None:  # after every contender: a run cut short keeps what it measured
+                write_text(args.out, json.dumps(payload, indent=2) + "\n")
+        if not args.dry_run:  # a dry run's timings are no figures
+            print(json.dumps({activation: tables["ratios"]}, indent=2))
+    print(f"{failures} contender(s) failed" if failures else "every contender ran")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -1,61 +1,89 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (under 8 minutes on an H200, no network):
-#   1. correctness on cuda: the backend conformance suite (every backend available on cuda against the
-#      reference, fp32/fp16/bf16 and a float64 gradcheck) and the Triton tests, DASAM3_TEST_DEVICE=cuda;
-#   2. the benchmark (benchmarks/gpu_check.py): dense FFN, torch path, standard MoE, Triton path;
-#   3. a short DA-SAM3 training run with SAM3's towers and bf16 autocast (benchmarks/gpu_train_smoke.py).
-# The CUDA extension (csrc/) is built first, so the compiled "cuda" backend is tested and timed too
-# (DASAM3_BUILD_EXTENSION=0 skips that).  Time limits: build 100 s, tests 170 s, benchmark 150 s,
-# training 50 s, so the whole check ends within 8 minutes.
-# Writes benchmarks/results/gpu_check_<UTC stamp>.{json,log} and train_smoke_<stamp>.json, and copies
-# them to $OUT when it is set.
+# The one prepared GPU check: under 6 minutes on an H200 with the CUDA build, no network.  Steps, each
+# under its own time budget (seconds), each result written the moment it exists:
+#   env        15   versions, the GPU, every backend and why not (`python -m dasam3 env`)  -> env.json
+#   build      90   the CUDA extension alone (DASAM3_BUILD_CPU=0), so the "cuda" backend is tested and
+#                   timed too; DASAM3_BUILD_EXTENSION=0 skips it
+#   tests      90   tests/kernels on the GPU (DASAM3_TEST_DEVICE=cuda)                    -> tests.xml
+#   benchmark  120  benchmarks/gpu_check.py: dense FFN, torch, standard MoE, Triton, CUDA; every contender
+#                   in its own guard, the JSON rewritten after each one                   -> benchmark.json
+#   training   40   a short DA-SAM3 run with SAM3's towers under bf16 autocast            -> train_smoke.json
+# Results go to $OUT when it is set, else to benchmarks/results/gpu_check_<UTC stamp>/: the log through
+# tee as it is written, one JSON per step, and steps.json (each step's exit code, seconds, budget).
 #
-# Usage: benchmarks/gpu_check.sh          (PYTHON=python3 by default; the repo is used in place)
+# Usage: benchmarks/gpu_check.sh [--dry-run]      (PYTHON=python3 by default; the repo is used in place)
+# --dry-run walks every step on this machine's CPU with the GPU parts skipped (no build, the tests
+# collected but not run, the benchmark and the training at toy size on the CPU) and writes no result files.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+DRY_RUN=0
+case "${1:-}" in
+    --dry-run) DRY_RUN=1 ;;
+    "") ;;
+    *) echo "usage: $0 [--dry-run]" >&2; exit 2 ;;
+esac
 PYTHON=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-RESULTS=benchmarks/results
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
-LOG=$RESULTS/gpu_check_$STAMP.log
-JSON=$RESULTS/gpu_check_$STAMP.json
-mkdir -p "$RESULTS"
-exec > >(tee "$LOG") 2>&1
-
-echo "== gpu_check $STAMP"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
-"$PYTHON" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, "device", torch.cuda.get_device_name())'
-
-if [[ "${DASAM3_BUILD_EXTENSION:-1}" == 1 ]]; then
-    echo "== building the CUDA extension"
-    DASAM3_BUILD_CPU=0 DASAM3_BUILD_CUDA=1 timeout 100 "$PYTHON" setup.py -q build_ext --inplace \
-        || echo "extension build failed"
+RESULTS=""
+if (( ! DRY_RUN )); then
+    RESULTS=${OUT:-benchmarks/results/gpu_check_$STAMP}
+    mkdir -p "$RESULTS"
+    exec > >(tee "$RESULTS/gpu_check.log") 2>&1
 fi
 
-echo "== correctness on cuda"
-PYTEST_ARGS=(tests/kernels -q -p no:cacheprovider --durations=15)
-"$PYTHON" -c 'import xdist' 2>/dev/null && PYTEST_ARGS+=(-n 8)  # Triton compiles on 8 CPU cores at once
-"$PYTHON" -c 'import pytest_timeout' 2>/dev/null && PYTEST_ARGS+=(--timeout=150)
-START=$SECONDS
-DASAM3_TEST_DEVICE=cuda timeout 170 "$PYTHON" -m pytest "${PYTEST_ARGS[@]}"
+# out NAME: the option that writes result NAME (nothing in a dry run).
+out() { (( DRY_RUN )) || echo "$1 $RESULTS/$2"; }
+
+STEPS=()
+FAILED=0
+# step NAME BUDGET COMMAND...: COMMAND under its budget (three times it in a dry run: the CPU is slower);
+# its exit code and seconds go to the log and to steps.json at once.
+step() {
+    local name=$1 budget=$2 start=$SECONDS rc
+    shift 2
+    (( DRY_RUN )) && budget=$((3 * budget))
+    echo "== $name (budget $budget s)"
+    timeout "$budget" "$@"
+    rc=$?
+    echo "== $name: exit code $rc after $((SECONDS - start)) s"
+    STEPS+=("\"$name\": {\"exit_code\": $rc, \"seconds\": $((SECONDS - start)), \"budget_s\": $budget}")
+    (( DRY_RUN )) || (IFS=,; echo "{${STEPS[*]}}") > "$RESULTS/steps.json"
+    (( rc == 0 )) || FAILED=1
+    return "$rc"
+}
+skipped() { echo "== $1: skipped in a dry run: $2"; }
+
+echo "== gpu_check $STAMP$( (( DRY_RUN )) && echo ' (dry run: nothing is measured or written)')"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi"
+# shellcheck disable=SC2046  # out prints an option and its value, or nothing
+step env 15 "$PYTHON" -m dasam3 env $(out --json env.json)
+
+if (( DRY_RUN )); then
+    skipped build "DASAM3_BUILD_CPU=0 DASAM3_BUILD_CUDA=1 $PYTHON setup.py -q build_ext --inplace"
+elif [[ "${DASAM3_BUILD_EXTENSION:-1}" == 1 ]]; then
+    step build 90 env DASAM3_BUILD_CPU=0 DASAM3_BUILD_CUDA=1 "$PYTHON" setup.py -q build_ext --inplace
+fi
+
+# The static report needs no GPU (CI runs it); here the budget goes to what only a GPU can check.
+PYTEST_ARGS=(tests/kernels -q -p no:cacheprovider --ignore=tests/kernels/test_static_report.py)
+if (( DRY_RUN )); then
+    PYTEST_ARGS+=(--collect-only)
+else
+    PYTEST_ARGS+=(--durations=15 --junitxml="$RESULTS/tests.xml")
+    "$PYTHON" -c 'import xdist' 2>/dev/null && PYTEST_ARGS+=(-n 8)  # Triton compiles on 8 CPU cores at once
+fi
+DASAM3_TEST_DEVICE=cuda step tests 90 "$PYTHON" -m pytest "${PYTEST_ARGS[@]}"
 TESTS_RC=$?
-echo "tests exit code $TESTS_RC after $((SECONDS - START)) s"
 
-echo "== benchmark"
-START=$SECONDS
-timeout 150 "$PYTHON" benchmarks/gpu_check.py --tests-exit-code "$TESTS_RC" --out "$JSON"
-BENCH_RC=$?
-echo "benchmark exit code $BENCH_RC after $((SECONDS - START)) s"
-
-echo "== training smoke run"
-START=$SECONDS
-TRAIN_JSON=$RESULTS/train_smoke_$STAMP.json
-timeout 50 "$PYTHON" benchmarks/gpu_train_smoke.py --out "$TRAIN_JSON"
-TRAIN_RC=$?
-echo "training exit code $TRAIN_RC after $((SECONDS - START)) s"
-
-if [[ -n "${OUT:-}" ]]; then  # gpu_check.py copies its JSON itself
-    cp "$LOG" "$OUT/"
-    [[ -f "$TRAIN_JSON" ]] && cp "$TRAIN_JSON" "$OUT/"
+if (( DRY_RUN )); then
+    TRITON_INTERPRET=1 step benchmark 120 "$PYTHON" benchmarks/gpu_check.py --dry-run
+    step training 40 "$PYTHON" benchmarks/gpu_train_smoke.py --dry-run
+else
+    # shellcheck disable=SC2046
+    step benchmark 120 "$PYTHON" benchmarks/gpu_check.py --tests-exit-code "$TESTS_RC" $(out --out benchmark.json)
+    # shellcheck disable=SC2046
+    step training 40 "$PYTHON" benchmarks/gpu_train_smoke.py $(out --out train_smoke.json)
 fi
-exit $(( TESTS_RC != 0 || BENCH_RC != 0 || TRAIN_RC != 0 ))
+echo "== done$( (( FAILED )) && echo ': some step failed (see its exit code above)')"
+exit "$FAILED"

@@ -5,6 +5,8 @@ The towers are transformers' `Sam3Model` at toy width built from a config (no we
 the real SAM3 when DASAM3_SAM3_DIR names a local `from_pretrained` directory.
 
     python benchmarks/gpu_train_smoke.py --out benchmarks/results/train_smoke.json
+
+`--dry-run`: one step per stage on the CPU, no file (gpu_check.sh --dry-run: proves the wiring).
 """
 
 from __future__ import annotations
@@ -39,10 +41,15 @@ def sam3_options() -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--dry-run", action="store_true", help="one step per stage on the CPU, no file")
     args = parser.parse_args()
+    if args.dry_run:
+        args.device, args.steps, args.out = "cpu", 1, None
+    elif args.out is None:
+        parser.error("--out is required (or --dry-run)")
 
     options = sam3_options()
     size = 1008 if "pretrained" in options else 56
@@ -54,7 +61,7 @@ def main() -> int:
     test_set = load_dataset("synthetic", split="test", image_size=size, channels=3)
     stages = [StageConfig("pretrain", args.steps, 2e-3),
               StageConfig("warmup", args.steps, 5e-3, variant="da-sam3"),
-              StageConfig("calibrate", args.steps // 2, 1e-3)]
+              StageConfig("calibrate", max(1, args.steps // 2), 1e-3)]
     train_config = TrainConfig(dataset="synthetic", stages=stages, batch_size=8, amp=True, val_every=10**6,
                                checkpoint_every=10**6)
     started = time.perf_counter()
@@ -72,8 +79,9 @@ def main() -> int:
         "per_class": result.per_class(),
     }
     print(json.dumps(report, indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 

@@ -16,20 +16,12 @@
 
 namespace dasam3 {
 
-// The op schemas (defined by the CPU library, implemented for CPU and CUDA).  fwd returns
+// The op schemas are defined once, in Python (`dasam3_kernels/cpp_ops.py`, before either library loads),
+// so the CPU and the CUDA library each only implement them and each loads alone.  fwd returns
 // (y [T, D], pre [T, F] = x W1ᵀ + b1, U [T, E·r] = x A1ᵀ, V [T, E·r]); the last three only when
 // save_for_backward (else empty), U/V only for an adapted projection, U/V in float for half inputs.
 // bwd returns the gradients of (x, weights, fc1_A, fc1_B, fc2_A, fc2_B) and, when need_fc_grads,
 // dL/dpre and m = Σ_j p_j h_j (for the frozen weights' gradients); empty where not computed.
-constexpr const char* kForwardSchema =
-    "lowrank_moe_fwd(Tensor x, Tensor indices, Tensor weights, Tensor fc1_weight, Tensor? fc1_bias, "
-    "Tensor fc2_weight, Tensor? fc2_bias, Tensor? fc1_A, Tensor? fc1_B, Tensor? fc2_A, Tensor? fc2_B, "
-    "float scale, str activation, bool save_for_backward) -> (Tensor, Tensor, Tensor, Tensor)";
-constexpr const char* kBackwardSchema =
-    "lowrank_moe_bwd(Tensor grad_y, Tensor x, Tensor indices, Tensor weights, Tensor fc1_weight, "
-    "Tensor fc2_weight, Tensor? fc2_bias, Tensor? fc1_A, Tensor? fc1_B, Tensor? fc2_A, Tensor? fc2_B, "
-    "Tensor pre, Tensor U, Tensor V, float scale, str activation, bool need_grad_x, bool need_fc_grads) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)";
 
 enum class Activation { kGelu, kGeluTanh, kRelu, kSilu, kQuickGelu };
 
@@ -85,6 +77,21 @@ inline bool check_lora(const c10::optional<at::Tensor>& A, const c10::optional<a
   return true;
 }
 
+// An index past the factors would read out of bounds.  On the CPU the values are at hand, so the
+// error names them; on a GPU reading them back would stall the host on every call (and forbid CUDA
+// graph capture), so the check runs on the device: a failing one is a device-side assert.
+inline void check_index_range(const at::Tensor& indices, int64_t experts) {
+  if (indices.is_cuda()) {
+    at::_assert_async(at::logical_and(indices >= 0, indices < experts).all(),
+                      "lowrank_moe: indices must lie in [0, experts)");
+    return;
+  }
+  const auto [min, max] = at::aminmax(indices);
+  const auto lo = min.item<int64_t>(), hi = max.item<int64_t>();
+  TORCH_CHECK(lo >= 0 && hi < experts, "lowrank_moe: indices must lie in [0, ", experts, "), got values in [", lo,
+              ", ", hi, "]");
+}
+
 inline MoeSizes check_inputs(const at::Tensor& x, const at::Tensor& indices, const at::Tensor& weights,
                              const at::Tensor& fc1_weight, const c10::optional<at::Tensor>& fc1_bias,
                              const at::Tensor& fc2_weight, const c10::optional<at::Tensor>& fc2_bias,
@@ -134,14 +141,7 @@ inline MoeSizes check_inputs(const at::Tensor& x, const at::Tensor& indices, con
     check_shape(*fc2_A, {s.experts, s.rank, s.d_ff}, "fc2_A", "[experts, rank, d_ff]");
     check_shape(*fc2_B, {s.experts, s.d_model, s.rank}, "fc2_B", "[experts, d_model, rank]");
   }
-  if (s.experts > 0 && s.tokens > 0) {  // an index past the factors would read out of bounds
-    // One reduction and one device-to-host copy (a sync on GPUs), not one of each per bound.
-    const auto [min, max] = at::aminmax(indices);
-    const auto bounds = at::stack({min, max}).cpu();
-    const auto lo = bounds[0].item<int64_t>(), hi = bounds[1].item<int64_t>();
-    TORCH_CHECK(lo >= 0 && hi < s.experts, "lowrank_moe: indices must lie in [0, ", s.experts,
-                "), got values in [", lo, ", ", hi, "]");
-  }
+  if (s.experts > 0 && s.tokens > 0) check_index_range(indices, s.experts);
   return s;
 }
 

@@ -652,11 +652,7 @@ lowrank_moe_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Ten
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(dasam3, m) {
-  m.def(kForwardSchema);
-  m.def(kBackwardSchema);
-}
-
+// The schemas are defined in Python (cpp_ops.py), once for this library and the CUDA one.
 TORCH_LIBRARY_IMPL(dasam3, CPU, m) {
   m.impl("lowrank_moe_fwd", &lowrank_moe_fwd_cpu);
   m.impl("lowrank_moe_bwd", &lowrank_moe_bwd_cpu);

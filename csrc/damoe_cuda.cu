@@ -1,15 +1,19 @@
-// CUDA implementation of the dasam3 mixture-of-low-rank-experts ops (the schemas are defined by the
-// CPU library, which the Python loader loads first).
+// CUDA implementation of the dasam3 mixture-of-low-rank-experts ops (the schemas are defined once, in
+// Python, by dasam3_kernels/cpp_ops.py: this library loads without the CPU one).
 //
-// Forward: one fused kernel per [64 tokens x 64 features] tile computes the base pre-activation
-// x W1ᵀ on tensor cores (WMMA, fp16/bf16 in, fp32 accumulate; fp32/fp64 use a SIMT path so that fp32
-// keeps full precision), then in the epilogue adds b1, each slot's low-rank term s B1[e] u_e, applies
-// the activation, combines the slots into m = Σ_j p_j h_j and reduces h_j against its expert's A2
-// rows into V (atomics over the feature tiles).  cuBLAS then gives y = m W2ᵀ + V (s B2)ᵀ + (Σp) b2.
-// Backward: one fused kernel per tile computes W2ᵀ g on tensor cores and, in the epilogue, recomputes
-// h_j from the saved pre-activation, forms dL/dp_j, dL/dz_j, dL/du_j and accumulates the A2 and B1
-// gradients in shared memory before one atomic flush per block; cuBLAS finishes dL/dx and the
-// gradients of A1 and B2.  [T, k, F] is never materialised.
+// The frozen W0 products go through cuBLAS (at::addmm / at::mm: tensor cores for fp16/bf16, TF32 for
+// fp32 where torch allows it), and everything else runs in one fused epilogue kernel per direction
+// that reads the [T, F] product once.  Why cuBLAS: our own 64 x 64 tile GEMM (scalar loads, no cp.async,
+// no double buffering, a SIMT fp32 path with 16-way shared-memory bank conflicts) was far from cuBLAS
+// speed, and the forward writes pre = x W1ᵀ + b1 for the backward anyway.
+//
+// Forward epilogue, per [64 tokens x 64 features] block: adds each slot's low-rank term s B1[e] u_e to
+// pre, applies the activation, combines the slots into m = Σ_j p_j h_j and reduces h_j against its
+// expert's A2 rows into V (a warp sum, then one atomic per token, slot and rank over the feature
+// tiles).  cuBLAS then gives y = m W2ᵀ + V (s B2)ᵀ + (Σp) b2.
+// Backward epilogue: from pre and gm = g W2 (cuBLAS), recomputes h_j, forms dL/dp_j, dL/dz_j, dL/du_j
+// and accumulates the A2 and B1 gradients in shared memory before one atomic flush per block; cuBLAS
+// finishes dL/dx and the gradients of A1 and B2.  [T, k, F] is never materialised.
 #include "damoe_common.h"
 
 #include <ATen/Dispatch.h>
@@ -17,9 +21,6 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <mma.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -28,44 +29,9 @@ namespace dasam3 {
 namespace {
 
 constexpr int kTile = 64;                  // tokens and features per block
-constexpr int kTileK = 32;                 // reduction step of the tile GEMM
 constexpr int kThreads = 256;              // 8 warps
 constexpr int kWarps = kThreads / 32;
-constexpr int kLdAB = kTileK + 8;          // smem pitch of the operand tiles (multiple of 8 for WMMA)
-constexpr int kLdC = kTile + 4;            // smem pitch of the result tile (multiple of 4 for WMMA)
 constexpr size_t kSmemLimit = 48 * 1024;   // without opting in to more
-
-// ---- element types -------------------------------------------------------------------------------
-
-// How a scalar type sits in shared memory and whether its tile GEMM runs on tensor cores.
-template <typename scalar_t>
-struct Operand {
-  using type = scalar_t;
-  static constexpr bool kTensorCores = false;
-  __device__ static type zero() { return type(0); }
-  __device__ static float to_float(type v) { return v; }
-};
-template <>
-struct Operand<c10::Half> {
-  using type = __half;
-  static constexpr bool kTensorCores = true;
-  __device__ static type zero() { return __float2half(0.f); }
-  __device__ static float to_float(type v) { return __half2float(v); }
-};
-template <>
-struct Operand<c10::BFloat16> {
-  using type = __nv_bfloat16;
-  static constexpr bool kTensorCores = true;
-  __device__ static type zero() { return __float2bfloat16(0.f); }
-  __device__ static float to_float(type v) { return __bfloat162float(v); }
-};
-template <>
-struct Operand<double> {
-  using type = double;
-  static constexpr bool kTensorCores = false;
-  __device__ static type zero() { return 0.0; }
-  __device__ static double to_float(type v) { return v; }
-};
 
 template <typename T>
 __device__ T warp_sum(T v) {
@@ -115,129 +81,25 @@ __device__ void act_value_grad(T z, T& h, T& d) {
   }
 }
 
-// ---- the tile GEMM: C[64 x 64] = Σ_k A[m, k] B[n, k] ---------------------------------------------
-
-// Copies the [64 x kTileK] block starting at (row0, k0) of a strided [rows, K] matrix into shared
-// memory ([64][kLdAB]), zero-filled outside the matrix; consecutive threads read consecutive addresses.
-template <typename scalar_t>
-__device__ void load_operand(typename Operand<scalar_t>::type* dst, const scalar_t* src, int64_t row0,
-                             int64_t rows, int64_t k0, int64_t K, int64_t stride_row, int64_t stride_k) {
-  using T = typename Operand<scalar_t>::type;
-  const T* s = reinterpret_cast<const T*>(src);
-  for (int idx = threadIdx.x; idx < kTile * kTileK; idx += kThreads) {
-    const bool k_fastest = stride_k == 1;
-    const int r = k_fastest ? idx / kTileK : idx % kTile;
-    const int k = k_fastest ? idx % kTileK : idx / kTile;
-    const int64_t gr = row0 + r, gk = k0 + k;
-    dst[r * kLdAB + k] = (gr < rows && gk < K) ? s[gr * stride_row + gk * stride_k] : Operand<scalar_t>::zero();
-  }
-}
-
-// Strided view of a GEMM operand: element (row, k) at data[row * stride_row + k * stride_k].
-template <typename scalar_t>
-struct OperandView {
-  const scalar_t* data;
-  int64_t rows, stride_row, stride_k;
-};
-
-// Cs[64][kLdC] (acc_t) = A[m0.., :K] B[n0.., :K]ᵀ.  `operands` holds two [64][kLdAB] tiles and may be
-// the same memory as Cs: the result is written only after every warp is done with the operands.
-template <typename scalar_t, typename acc_t>
-__device__ void tile_gemm(const OperandView<scalar_t> A, const OperandView<scalar_t> B, int64_t m0, int64_t n0,
-                          int64_t K, typename Operand<scalar_t>::type* operands, acc_t* Cs) {
-  using T = typename Operand<scalar_t>::type;
-  T* As = operands;
-  T* Bs = operands + kTile * kLdAB;
-  const int warp = threadIdx.x / 32;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  constexpr bool kWmma = Operand<scalar_t>::kTensorCores;
-#else
-  constexpr bool kWmma = false;
-#endif
-  if constexpr (kWmma) {
-    namespace wmma = nvcuda::wmma;
-    // Warp w owns rows [16 (w / 2), +16) and columns [32 (w % 2), +32): two 16x16 accumulators.
-    const int band = warp / 2, side = warp % 2;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
-    wmma::fill_fragment(acc[0], 0.f);
-    wmma::fill_fragment(acc[1], 0.f);
-    for (int64_t k0 = 0; k0 < K; k0 += kTileK) {
-      load_operand(As, A.data, m0, A.rows, k0, K, A.stride_row, A.stride_k);
-      load_operand(Bs, B.data, n0, B.rows, k0, K, B.stride_row, B.stride_k);
-      __syncthreads();
-      for (int kk = 0; kk < kTileK; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::load_matrix_sync(a, As + band * 16 * kLdAB + kk, kLdAB);
-        for (int n = 0; n < 2; ++n) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;  // Bs is [n][k]: B col-major
-          wmma::load_matrix_sync(b, Bs + (side * 32 + n * 16) * kLdAB + kk, kLdAB);
-          wmma::mma_sync(acc[n], a, b, acc[n]);
-        }
-      }
-      __syncthreads();
-    }
-    for (int n = 0; n < 2; ++n) {
-      wmma::store_matrix_sync(Cs + band * 16 * kLdC + side * 32 + n * 16, acc[n], kLdC, wmma::mem_row_major);
-    }
-  } else {
-    // SIMT: thread (ty, tx) of a 16 x 16 grid owns the 4 x 4 block at rows 4 ty, columns 4 tx.
-    const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
-    acc_t acc[4][4] = {};
-    for (int64_t k0 = 0; k0 < K; k0 += kTileK) {
-      load_operand(As, A.data, m0, A.rows, k0, K, A.stride_row, A.stride_k);
-      load_operand(Bs, B.data, n0, B.rows, k0, K, B.stride_row, B.stride_k);
-      __syncthreads();
-      for (int k = 0; k < kTileK; ++k) {
-        acc_t a[4], b[4];
-        for (int i = 0; i < 4; ++i) {
-          a[i] = Operand<scalar_t>::to_float(As[(4 * ty + i) * kLdAB + k]);
-          b[i] = Operand<scalar_t>::to_float(Bs[(4 * tx + i) * kLdAB + k]);
-        }
-        for (int i = 0; i < 4; ++i)
-          for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
-      }
-      __syncthreads();
-    }
-    for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 4; ++j) Cs[(4 * ty + i) * kLdC + 4 * tx + j] = acc[i][j];
-  }
-  __syncthreads();
-}
-
-// Shared memory of tile_gemm (operands, then the result in the same bytes), rounded to 128 bytes.
-template <typename scalar_t, typename acc_t>
-__host__ __device__ constexpr size_t gemm_smem_bytes() {
-  constexpr size_t operands = 2 * kTile * kLdAB * sizeof(typename Operand<scalar_t>::type);
-  constexpr size_t result = kTile * kLdC * sizeof(acc_t);
-  return ((operands > result ? operands : result) + 127) / 128 * 128;
-}
-
 // ---- forward -----------------------------------------------------------------------------------
 
 template <typename scalar_t, typename acc_t>
 struct ForwardArgs {
-  int64_t tokens, d_model, d_ff, top_k, experts, rank;
-  const scalar_t* x;       // [T, D]
-  const scalar_t* W1;      // [F, D]
-  const scalar_t* b1;      // [F] or null
+  int64_t tokens, d_ff, top_k, experts, rank;
+  const scalar_t* pre;     // [T, F] = x W1ᵀ + b1 (cuBLAS)
   const int64_t* indices;  // [T, k]
   const acc_t* p;          // [T, k]
   const acc_t* U;          // [T, E·r] = x A1ᵀ, or null (fc1 not adapted)
   const acc_t* B1t;        // [E, r, F], s folded in
   const acc_t* A2;         // [E, r, F], or null (fc2 not adapted)
-  scalar_t* pre;           // [T, F] out, or null when not saved
   scalar_t* mixed;         // [T, F] out: Σ_j p_j h_j
   acc_t* V;                // [T, E·r] out (zeroed): Σ_j p_j A2[e_j] h_j in expert e_j's columns
 };
 
 template <typename scalar_t, typename acc_t, Activation A>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardArgs<scalar_t, acc_t> a) {
-  extern __shared__ __align__(128) unsigned char smem[];
-  acc_t* C = reinterpret_cast<acc_t*>(smem);
   const int64_t m0 = int64_t(blockIdx.x) * kTile, n0 = int64_t(blockIdx.y) * kTile;
   const int64_t F = a.d_ff, r = a.rank, Er = a.experts * a.rank;
-  tile_gemm<scalar_t, acc_t>({a.x, a.tokens, a.d_model, 1}, {a.W1, F, a.d_model, 1}, m0, n0, a.d_model,
-                             reinterpret_cast<typename Operand<scalar_t>::type*>(smem), C);
 
   // Warp w takes rows 8w..8w+7 of the tile; lane l takes columns l and l + 32.
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -247,11 +109,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardArgs<sca
     acc_t base[2], mixed[2] = {acc_t(0), acc_t(0)};
     for (int c = 0; c < 2; ++c) {
       const int64_t f = n0 + lane + 32 * c;
-      base[c] = C[row * kLdC + lane + 32 * c];
-      if (f < F) {
-        if (a.b1) base[c] += static_cast<acc_t>(a.b1[f]);
-        if (a.pre) a.pre[t * F + f] = static_cast<scalar_t>(base[c]);
-      }
+      base[c] = f < F ? static_cast<acc_t>(a.pre[t * F + f]) : acc_t(0);
     }
     for (int64_t j = 0; j < a.top_k; ++j) {
       const int64_t e = a.indices[t * a.top_k + j];
@@ -290,9 +148,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardArgs<sca
 
 template <typename scalar_t, typename acc_t>
 struct BackwardArgs {
-  int64_t tokens, d_model, d_ff, top_k, experts, rank;
-  const scalar_t* g;       // [T, D] dL/dy
-  const scalar_t* W2;      // [D, F]
+  int64_t tokens, d_ff, top_k, experts, rank;
+  const scalar_t* gm;      // [T, F] = g W2 (cuBLAS), g = dL/dy
   const scalar_t* pre;     // [T, F] saved x W1ᵀ + b1
   const int64_t* indices;  // [T, k]
   const acc_t* p;          // [T, k]
@@ -311,8 +168,7 @@ struct BackwardArgs {
 
 template <typename scalar_t, typename acc_t, Activation A>
 __global__ void __launch_bounds__(kThreads) backward_kernel(const BackwardArgs<scalar_t, acc_t> a) {
-  extern __shared__ __align__(128) unsigned char smem[];
-  acc_t* C = reinterpret_cast<acc_t*>(smem);
+  extern __shared__ __align__(16) unsigned char smem[];
   const int64_t m0 = int64_t(blockIdx.x) * kTile, n0 = int64_t(blockIdx.y) * kTile;
   const int64_t F = a.d_ff, r = a.rank, Er = a.experts * a.rank;
 
@@ -321,7 +177,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const BackwardArgs<s
   acc_t* acc_A2 = a.grad_A2;
   int64_t acc_ld = F, acc_col0 = n0;
   if (a.shared_accumulators) {
-    acc_t* region = reinterpret_cast<acc_t*>(smem + gemm_smem_bytes<scalar_t, acc_t>());
+    acc_t* region = reinterpret_cast<acc_t*>(smem);
     acc_B1 = a.grad_B1t ? region : nullptr;
     acc_A2 = a.grad_A2 ? region + (a.grad_B1t ? Er * kTile : 0) : nullptr;
     acc_ld = kTile;
@@ -329,9 +185,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const BackwardArgs<s
     const int64_t count = ((a.grad_B1t ? 1 : 0) + (a.grad_A2 ? 1 : 0)) * Er * kTile;
     for (int64_t i = threadIdx.x; i < count; i += kThreads) region[i] = acc_t(0);
   }
-  // gm = g W2 on this tile: B(n = f, k = d) = W2[d, f].
-  tile_gemm<scalar_t, acc_t>({a.g, a.tokens, a.d_model, 1}, {a.W2, F, 1, F}, m0, n0, a.d_model,
-                             reinterpret_cast<typename Operand<scalar_t>::type*>(smem), C);
+  __syncthreads();  // the accumulators are zero before any warp adds to them
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int row = warp * (kTile / kWarps); row < (warp + 1) * (kTile / kWarps); ++row) {
@@ -341,7 +195,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const BackwardArgs<s
     for (int c = 0; c < 2; ++c) {
       const int64_t f = n0 + lane + 32 * c;
       pre[c] = f < F ? static_cast<acc_t>(a.pre[t * F + f]) : acc_t(0);
-      gm[c] = C[row * kLdC + lane + 32 * c];
+      gm[c] = f < F ? static_cast<acc_t>(a.gm[t * F + f]) : acc_t(0);
     }
     for (int64_t j = 0; j < a.top_k; ++j) {
       const int64_t e = a.indices[t * a.top_k + j];
@@ -433,28 +287,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_moe_fwd_cuda(
                                   fc2_A, fc2_B);
   const Activation act = parse_activation(activation);
   const auto dtype = x.scalar_type(), compute = compute_dtype(dtype);
-  const at::Tensor xc = x.contiguous(), W1 = fc1_weight.contiguous(), W2 = fc2_weight.contiguous();
-  const at::Tensor b1 = fc1_bias.has_value() ? fc1_bias->contiguous() : at::Tensor();
+  const at::Tensor xc = x.contiguous(), W2 = fc2_weight.contiguous();
   const at::Tensor p = contiguous_as(weights, compute), idx = contiguous_as(indices, at::kLong);
   const Factors f = prepare_factors(s, fc1_A, fc1_B, fc2_A, fc2_B, scale, compute);
   const int64_t Er = s.experts * s.rank;
   const at::Tensor U = s.adapt_fc1 ? at::mm(xc.to(compute), f.A1s.t()) : at::Tensor();
   const at::Tensor V = s.adapt_fc2 ? at::zeros({s.tokens, Er}, p.options()) : at::Tensor();
-  const at::Tensor pre = save_for_backward ? at::empty({s.tokens, s.d_ff}, xc.options()) : at::Tensor();
+  const at::Tensor pre = fc1_bias.has_value() ? at::addmm(*fc1_bias, xc, fc1_weight.t()) : at::mm(xc, fc1_weight.t());
   const at::Tensor mixed = at::empty({s.tokens, s.d_ff}, xc.options());
 
   if (s.tokens > 0 && s.d_ff > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "lowrank_moe_fwd_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const ForwardArgs<scalar_t, acc_t> args{
-          s.tokens, s.d_model, s.d_ff, s.top_k, s.experts, s.rank, xc.data_ptr<scalar_t>(), W1.data_ptr<scalar_t>(),
-          data_or_null<scalar_t>(b1), idx.data_ptr<int64_t>(), p.data_ptr<acc_t>(), data_or_null<acc_t>(U),
-          data_or_null<acc_t>(f.B1t), data_or_null<acc_t>(f.A2), mutable_or_null<scalar_t>(pre),
+          s.tokens, s.d_ff, s.top_k, s.experts, s.rank, pre.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(),
+          p.data_ptr<acc_t>(), data_or_null<acc_t>(U), data_or_null<acc_t>(f.B1t), data_or_null<acc_t>(f.A2),
           mixed.data_ptr<scalar_t>(), mutable_or_null<acc_t>(V)};
-      const size_t smem = gemm_smem_bytes<scalar_t, acc_t>();
       with_activation(act, [&](auto a) {
         forward_kernel<scalar_t, acc_t, decltype(a)::value>
-            <<<tile_grid(s), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(args);
+            <<<tile_grid(s), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(args);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
@@ -483,7 +334,8 @@ lowrank_moe_bwd_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
   const Activation act = parse_activation(activation);
   const int64_t Er = s.experts * s.rank;
   const auto dtype = x.scalar_type(), compute = compute_dtype(dtype);
-  const at::Tensor g = contiguous_as(grad_y, dtype), W2 = fc2_weight.contiguous(), prec = contiguous_as(pre, dtype);
+  const at::Tensor g = contiguous_as(grad_y, dtype), prec = contiguous_as(pre, dtype);
+  const at::Tensor gm = at::mm(g, fc2_weight);  // [T, F]: the frozen fc2 product, on cuBLAS
   const at::Tensor g_acc = g.to(compute);
   const at::Tensor p = contiguous_as(weights, compute), idx = contiguous_as(indices, at::kLong);
   const at::Tensor Uc = s.adapt_fc1 ? contiguous_as(U, compute) : at::Tensor();
@@ -500,18 +352,17 @@ lowrank_moe_bwd_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
   if (s.tokens > 0 && s.d_ff > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "lowrank_moe_bwd_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      const size_t gemm = gemm_smem_bytes<scalar_t, acc_t>();
       const size_t accumulators = ((s.adapt_fc1 ? 1 : 0) + (s.adapt_fc2 ? 1 : 0)) * Er * kTile * sizeof(acc_t);
-      const bool shared = gemm + accumulators <= kSmemLimit;
+      const bool shared = accumulators <= kSmemLimit;
       const BackwardArgs<scalar_t, acc_t> args{
-          s.tokens, s.d_model, s.d_ff, s.top_k, s.experts, s.rank, g.data_ptr<scalar_t>(), W2.data_ptr<scalar_t>(),
-          prec.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), p.data_ptr<acc_t>(), data_or_null<acc_t>(Uc),
+          s.tokens, s.d_ff, s.top_k, s.experts, s.rank, gm.data_ptr<scalar_t>(), prec.data_ptr<scalar_t>(),
+          idx.data_ptr<int64_t>(), p.data_ptr<acc_t>(), data_or_null<acc_t>(Uc),
           data_or_null<acc_t>(f.B1t), data_or_null<acc_t>(f.A2), data_or_null<acc_t>(g2), grad_p.data_ptr<acc_t>(),
           mutable_or_null<acc_t>(grad_U), mutable_or_null<acc_t>(grad_B1t), mutable_or_null<acc_t>(grad_A2),
           grad_pre.data_ptr<scalar_t>(), mutable_or_null<scalar_t>(mixed), shared};
       with_activation(act, [&](auto a) {
         backward_kernel<scalar_t, acc_t, decltype(a)::value>
-            <<<tile_grid(s), kThreads, gemm + (shared ? accumulators : 0), at::cuda::getCurrentCUDAStream()>>>(args);
+            <<<tile_grid(s), kThreads, shared ? accumulators : 0, at::cuda::getCurrentCUDAStream()>>>(args);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });

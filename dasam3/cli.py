@@ -19,6 +19,8 @@ COMMANDS = {
     "evaluate": "score predicted label maps against ground truth (DSC, HD95 per case and class)",
     "bench": "time the DA-MoE layer against a dense FFN and print the parameter table",
     "check-labels": "check which label id is which organ on your data (centroid side and position per label)",
+    "kernels": "compile every GPU kernel config for sm_80/sm_90 (no GPU needed): registers, spills, shared memory",
+    "env": "versions, CPU and GPU, and which backend is available or why not (for bug reports)",
 }
 
 

@@ -17,7 +17,7 @@ from . import reference, routing, torch_path
 
 BACKENDS = ("auto", "reference", "torch", "triton", "cuda", "cpu")
 
-# Fastest first, per device type, for backend="auto".
+# Fastest first, per device type, for backend="auto" (on CUDA it also depends on the dtype: _cuda_order).
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 
 # backend="auto" on the CPU, fastest first per compute dtype (x's dtype, or autocast's), as measured by
@@ -36,9 +36,22 @@ _CPU_AUTO_ORDER = {torch.float32: ("cpu", "torch"), torch.bfloat16: ("cpu", "tor
 
 def auto_order(device_type: str, dtype: torch.dtype | None = None) -> tuple[str, ...]:
     """The backends "auto" tries on `device_type` for compute dtype `dtype`, fastest first."""
+    if device_type == "cuda":
+        return _cuda_order(dtype)
     if device_type == "cpu" and dtype in _CPU_AUTO_ORDER:
         return _CPU_AUTO_ORDER[dtype]
     return _AUTO_ORDER.get(device_type, ())
+
+
+def _cuda_order(dtype: torch.dtype | None) -> tuple[str, ...]:
+    """"auto" on a GPU: fp16/bf16 run the fused kernels.  fp32 runs Triton's only on TF32 tensor cores,
+    where torch allows TF32 (`torch.backends.cuda.matmul.allow_tf32`); exact fp32 `tl.dot`s use no
+    tensor core and lose to cuBLAS, so the torch path (cuBLAS) takes fp32 otherwise, and fp64 always."""
+    if dtype is None or dtype in (torch.float16, torch.bfloat16):
+        return _AUTO_ORDER["cuda"]
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return ("triton", "torch")
+    return ("torch",)
 
 
 @dataclass(frozen=True)

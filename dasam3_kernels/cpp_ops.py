@@ -1,12 +1,12 @@
 """The compiled csrc/ kernels as the "cpu" and "cuda" backends.
 
 `setup.py` builds `dasam3_kernels/_C_cpu_<isa>` (the CPU kernels, one library per instruction set:
-avx512, avx2, default) and, where torch has CUDA and nvcc is found, `dasam3_kernels/_C_cuda`.  The CPU
-library defines the ops `torch.ops.dasam3.lowrank_moe_fwd` / `lowrank_moe_bwd` and their CPU kernels;
-the CUDA library adds CUDA kernels for the same ops.  This module loads the best library the machine
-runs (PyTorch's own CPU capability decides, so `ATEN_CPU_CAPABILITY=avx2|default` lowers it as it does
-for ATen), and registers the ops' autograd formula and fake (shape) implementations, so they work
-with `torch.autograd`, `torch.library.opcheck` and `torch.compile`.
+avx512, avx2, default) and, where torch has CUDA and nvcc is found, `dasam3_kernels/_C_cuda`.  This
+module defines the ops `torch.ops.dasam3.lowrank_moe_fwd` / `lowrank_moe_bwd` (their schemas, autograd
+formula and fake (shape) implementations, so they work with `torch.autograd`, `torch.library.opcheck`
+and `torch.compile`); each library only implements them, for CPU or for CUDA, so either loads without
+the other.  Of the CPU libraries it loads the best one the machine runs (PyTorch's own CPU capability
+decides, so `ATEN_CPU_CAPABILITY=avx2|default` lowers it as it does for ATen).
 """
 
 from __future__ import annotations
@@ -23,6 +23,16 @@ from .torch_path import frozen_ffn_grads
 _PACKAGE_DIR = Path(__file__).resolve().parent
 # Library variants to try, best first, for PyTorch's CPU capability on this machine.
 _CPU_VARIANTS = {"AVX512": ("avx512", "avx2", "default"), "AVX2": ("avx2", "default")}
+# The op schemas (outputs: see csrc/damoe_common.h), defined here once for both libraries.
+_SCHEMAS = (
+    "lowrank_moe_fwd(Tensor x, Tensor indices, Tensor weights, Tensor fc1_weight, Tensor? fc1_bias, "
+    "Tensor fc2_weight, Tensor? fc2_bias, Tensor? fc1_A, Tensor? fc1_B, Tensor? fc2_A, Tensor? fc2_B, "
+    "float scale, str activation, bool save_for_backward) -> (Tensor, Tensor, Tensor, Tensor)",
+    "lowrank_moe_bwd(Tensor grad_y, Tensor x, Tensor indices, Tensor weights, Tensor fc1_weight, "
+    "Tensor fc2_weight, Tensor? fc2_bias, Tensor? fc1_A, Tensor? fc1_B, Tensor? fc2_A, Tensor? fc2_B, "
+    "Tensor pre, Tensor U, Tensor V, float scale, str activation, bool need_grad_x, bool need_fc_grads) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
 _BUILD_HINT = (
     "build it with a C++ compiler present: install torch first, then `pip install -e . --no-build-isolation` "
     "(or `python setup.py build_ext --inplace`) in the dasam3 source tree"
@@ -45,14 +55,24 @@ def _load(path: Path, what: str) -> None:
 
 
 @functools.lru_cache(maxsize=None)
+def _define_ops() -> torch.library.Library:
+    """Defines the ops (once) before a library implements them; the returned Library keeps them alive."""
+    library = torch.library.Library("dasam3", "FRAGMENT")
+    for schema in _SCHEMAS:
+        library.define(schema)
+    _register_python_parts()
+    return library
+
+
+@functools.lru_cache(maxsize=None)
 def cpu_variant() -> str:
     """Loads the CPU library (once) and returns its instruction set: "avx512", "avx2" or "default"."""
     capability = torch.backends.cpu.get_cpu_capability()
     for variant in _CPU_VARIANTS.get(capability, ("default",)):
         path = _library_path(f"_C_cpu_{variant}")
         if path is not None:
+            _define_ops()
             _load(path, f"the dasam3 CPU extension ({variant})")
-            _register_python_parts()
             return variant
     raise RuntimeError(
         f"backend 'cpu' is not available: the compiled dasam3 extension is not built (no "
@@ -62,7 +82,7 @@ def cpu_variant() -> str:
 
 @functools.lru_cache(maxsize=None)
 def load_cuda() -> None:
-    """Loads the CUDA library (once), after the CPU library that defines the ops."""
+    """Loads the CUDA library (once); it needs neither the CPU library nor a GPU to load."""
     path = _library_path("_C_cuda")
     if path is None:
         raise RuntimeError(
@@ -70,7 +90,7 @@ def load_cuda() -> None:
             f"{_PACKAGE_DIR}); it needs a CUDA build of torch and nvcc at build time: "
             f"`DASAM3_BUILD_CUDA=1 pip install -e . --no-build-isolation`"
         )
-    cpu_variant()
+    _define_ops()
     _load(path, "the dasam3 CUDA extension")
 
 
@@ -131,7 +151,7 @@ def _backward(ctx, grad_y, *_unused_grads):
 
 
 def _register_python_parts() -> None:
-    """Fake implementations and autograd; runs once, from the cached `cpu_variant`."""
+    """Fake implementations and autograd; runs once, from the cached `_define_ops`."""
     torch.library.register_fake("dasam3::lowrank_moe_fwd", _fwd_fake)
     torch.library.register_fake("dasam3::lowrank_moe_bwd", _bwd_fake)
     torch.library.register_autograd("dasam3::lowrank_moe_fwd", _backward, setup_context=_setup_context)

@@ -24,24 +24,26 @@ import torch
 import triton
 import triton.language as tl
 
-from .torch_path import stack_down, stack_up
-from .triton_common import (INTERPRET, activation_and_grad, autotuned, block, factor_offsets, kernel_dtypes,
-                            load_slot, load_stacked, load_tile, lora_expand, pick_kernel, stacked_width)
+from .torch_path import stack_up
+from .triton_common import (INTERPRET, activation_and_grad, autotuned, block, dot_precision, factor_offsets,
+                            kernel_dtypes, launch, load_slot, load_stacked, load_tile, lora_expand,
+                            multiprocessor_count, pick_kernel, stacked_width)
+from .triton_up_proj import fc1_shrink
 
 
 @triton.jit
 def _backward_kernel(
     x_ptr, g_ptr, idx_ptr, p_ptr, w1_ptr, b1_ptr, w2_ptr, u_ptr, bb1_ptr, a2_ptr, gb2_ptr,
     gpre_ptr, dp_ptr, gu_ptr, da2_ptr, db1_ptr,
-    T, D, F, RANK, ER, scale, TOKEN_SPLITS,
+    T, D, F, ER, scale, TOKEN_SPLITS,
     stride_xt, stride_xd, stride_gt, stride_gd, stride_it, stride_ij, stride_pt, stride_pj,
     stride_w1f, stride_w1d, stride_w2d, stride_w2f, stride_ut, stride_uc, stride_b1e, stride_b1q, stride_b1f,
     stride_a2e, stride_a2q, stride_a2f, stride_gbt, stride_gbc,
     stride_gpt, stride_gpf, stride_dps, stride_dpt, stride_dpj, stride_gus, stride_gut, stride_guc,
     stride_da2s, stride_da2e, stride_da2q, stride_da2f, stride_db1s, stride_db1e, stride_db1q, stride_db1f,
     K_SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_FC1_LORA: tl.constexpr, HAS_FC2_LORA: tl.constexpr,
-    ACTIVATION: tl.constexpr, ATOMIC: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
-    ER_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACTIVATION: tl.constexpr, ATOMIC: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    RANK: tl.constexpr, ER_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_f = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -56,11 +58,15 @@ def _backward_kernel(
 
     if HAS_BIAS:
         b1 = tl.load(b1_ptr + offs_f, mask=mask_f, other=0.0).to(ACC)
-    if HAS_FC1_LORA:  # [E·r, BF]
-        b1t = load_stacked(bb1_ptr, offs_c, offs_f, mask_f, RANK, ER, stride_b1e, stride_b1q, stride_b1f, False).to(DOT)
-        db1 = tl.zeros((BLOCK_F, ER_PAD), dtype=ACC)
-    if HAS_FC2_LORA:  # [BF, E·r]
-        a2t = load_stacked(a2_ptr, offs_c, offs_f, mask_f, RANK, ER, stride_a2e, stride_a2q, stride_a2f, True).to(DOT)
+    # The small [·, E·r] products are written so that no [BT, BF] tile is ever the left operand of a dot
+    # (v_jᵀ = A2 h_jᵀ, not h_j A2ᵀ): a chain like that makes Triton split the warps along tokens only, so
+    # every warp holds whole [K, BF] operands, and the kernel spills.  Hence the E·r-by-token ("T")
+    # copies of u, g B2 and the segment masks.
+    if HAS_FC1_LORA:  # B1 stacked [E·r, BF]
+        b1s = load_stacked(bb1_ptr, offs_c, offs_f, mask_f, RANK, ER, stride_b1e, stride_b1q, stride_b1f, False).to(DOT)
+        db1 = tl.zeros((ER_PAD, BLOCK_F), dtype=ACC)
+    if HAS_FC2_LORA:  # A2 stacked [E·r, BF]
+        a2s = load_stacked(a2_ptr, offs_c, offs_f, mask_f, RANK, ER, stride_a2e, stride_a2q, stride_a2f, False).to(DOT)
         da2 = tl.zeros((ER_PAD, BLOCK_F), dtype=ACC)
 
     for tile in range(pid_s, tl.cdiv(T, BLOCK_T), TOKEN_SPLITS):
@@ -76,39 +82,47 @@ def _backward_kernel(
             gk = load_tile(g_ptr, rows, kk, mask_t, mask_k, stride_gt, stride_gd).to(DOT)
             w1k = load_tile(w1_ptr, kk, offs_f, mask_k, mask_f, stride_w1d, stride_w1f).to(DOT)
             w2k = load_tile(w2_ptr, kk, offs_f, mask_k, mask_f, stride_w2d, stride_w2f).to(DOT)
-            pre = tl.dot(xk, w1k, pre, input_precision="ieee")
-            grad_m = tl.dot(gk, w2k, grad_m, input_precision="ieee")
+            pre = tl.dot(xk, w1k, pre, input_precision=PRECISION)
+            grad_m = tl.dot(gk, w2k, grad_m, input_precision=PRECISION)
         if HAS_BIAS:
             pre += b1[None, :]
         if HAS_FC1_LORA:
             u = load_tile(u_ptr, rows, offs_c, mask_t, mask_c, stride_ut, stride_uc).to(ACC)
+            u_t = load_tile(u_ptr, offs_c, rows, mask_c, mask_t, stride_uc, stride_ut).to(ACC)
         if HAS_FC2_LORA:
             gb2 = load_tile(gb2_ptr, rows, offs_c, mask_t, mask_c, stride_gbt, stride_gbc).to(ACC)
+            gb2_t = load_tile(gb2_ptr, offs_c, rows, mask_c, mask_t, stride_gbc, stride_gbt).to(ACC)
 
         grad_pre = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC)
-        grad_u = tl.zeros((BLOCK_T, ER_PAD), dtype=ACC)
-        for j in tl.static_range(K_SLOTS):
+        grad_u_t = tl.zeros((ER_PAD, BLOCK_T), dtype=ACC)
+        # A loop, not unrolled: unrolled, the slots' [BT, BF] temporaries are live together and spill.
+        for j in range(K_SLOTS):
             p, seg = load_slot(idx_ptr, p_ptr, rows, mask_t, j, stride_it, stride_ij, stride_pt, stride_pj, offs_c, RANK,
                                ER, ACC)
+            experts = tl.load(idx_ptr + rows * stride_it + j * stride_ij, mask=mask_t, other=-1)
+            seg_t = ((offs_c[:, None] // RANK) == experts[None, :]) & mask_c[:, None]  # [E·r, BT]
             z = pre
             if HAS_FC1_LORA:
-                z, u_j = lora_expand(pre, u, seg, b1t, scale, DOT, ACC)
+                z, _ = lora_expand(pre, u, seg, b1s, scale, DOT, ACC, PRECISION)
             h, dh = activation_and_grad(z, ACTIVATION)
             dp = tl.sum(h * grad_m, axis=1)
             grad_h = grad_m * p[:, None]
             if HAS_FC2_LORA:
                 hd = h.to(DOT)
-                v_j = tl.dot(hd, a2t, input_precision="ieee", out_dtype=ACC)
-                dp += scale * tl.sum(tl.where(seg, v_j * gb2, 0.0), axis=1)
+                v_t = tl.dot(a2s, tl.trans(hd), input_precision=PRECISION, out_dtype=ACC)  # (h_j A2ᵀ)ᵀ
+                dp += scale * tl.sum(tl.where(seg_t, v_t * gb2_t, 0.0), axis=0)
                 grad_v = (tl.where(seg, gb2, 0.0) * (scale * p)[:, None]).to(DOT)
-                grad_h += tl.dot(grad_v, tl.trans(a2t), input_precision="ieee", out_dtype=ACC)
-                da2 = tl.dot(tl.trans(grad_v), hd, da2, input_precision="ieee")
+                grad_v_t = (tl.where(seg_t, gb2_t, 0.0) * (scale * p)[None, :]).to(DOT)
+                grad_h += tl.dot(grad_v, a2s, input_precision=PRECISION, out_dtype=ACC)
+                da2 = tl.dot(grad_v_t, hd, da2, input_precision=PRECISION)
             grad_z = grad_h * dh
             grad_pre += grad_z
             if HAS_FC1_LORA:
                 grad_zd = grad_z.to(DOT)
-                grad_u += tl.where(seg, tl.dot(grad_zd, tl.trans(b1t), input_precision="ieee", out_dtype=ACC), 0.0)
-                db1 = tl.dot(tl.trans(grad_zd), u_j, db1, input_precision="ieee")
+                grad_u_t += tl.where(seg_t, tl.dot(b1s, tl.trans(grad_zd), input_precision=PRECISION, out_dtype=ACC),
+                                     0.0)
+                u_jt = tl.where(seg_t, u_t, 0.0).to(DOT)
+                db1 = tl.dot(u_jt, grad_zd, db1, input_precision=PRECISION)
             dp_ptrs = dp_ptr + split_f * stride_dps + rows * stride_dpt + j * stride_dpj
             if ATOMIC:
                 tl.atomic_add(dp_ptrs, dp, mask=mask_t)
@@ -118,12 +132,12 @@ def _backward_kernel(
         tl.store(gpre_ptr + rows[:, None] * stride_gpt + offs_f[None, :] * stride_gpf,
                  grad_pre.to(gpre_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_f[None, :])
         if HAS_FC1_LORA:
-            gu_ptrs = gu_ptr + split_f * stride_gus + rows[:, None] * stride_gut + offs_c[None, :] * stride_guc
-            mask_tc = mask_t[:, None] & mask_c[None, :]
+            gu_ptrs = gu_ptr + split_f * stride_gus + offs_c[:, None] * stride_guc + rows[None, :] * stride_gut
+            mask_ct = mask_c[:, None] & mask_t[None, :]
             if ATOMIC:
-                tl.atomic_add(gu_ptrs, grad_u * scale, mask=mask_tc)
+                tl.atomic_add(gu_ptrs, grad_u_t * scale, mask=mask_ct)
             else:
-                tl.store(gu_ptrs, grad_u * scale, mask=mask_tc)
+                tl.store(gu_ptrs, grad_u_t * scale, mask=mask_ct)
 
     # This program's share of the weight gradients, written straight into [E, r, F] / [E, F, r] layout.
     if HAS_FC2_LORA:
@@ -134,12 +148,12 @@ def _backward_kernel(
         else:
             tl.store(da2_ptrs, da2, mask=mask_c[:, None] & mask_f[None, :])
     if HAS_FC1_LORA:
-        db1_ptrs = db1_ptr + split_t * stride_db1s + factor_offsets(offs_c[None, :], offs_f[:, None], RANK,
+        db1_ptrs = db1_ptr + split_t * stride_db1s + factor_offsets(offs_c[:, None], offs_f[None, :], RANK,
                                                                      stride_db1e, stride_db1q, stride_db1f)
         if ATOMIC:
-            tl.atomic_add(db1_ptrs, db1 * scale, mask=mask_f[:, None] & mask_c[None, :])
+            tl.atomic_add(db1_ptrs, db1 * scale, mask=mask_c[:, None] & mask_f[None, :])
         else:
-            tl.store(db1_ptrs, db1 * scale, mask=mask_f[:, None] & mask_c[None, :])
+            tl.store(db1_ptrs, db1 * scale, mask=mask_c[:, None] & mask_f[None, :])
 
 
 _GPU_CONFIGS = [
@@ -148,8 +162,16 @@ _GPU_CONFIGS = [
 ]
 _tuned = autotuned(_backward_kernel, _GPU_CONFIGS, key=["D", "F", "ER"])
 
-# Programs to aim for along the token splits × F tiles on a GPU (a few per SM of an H100/H200).
-_GPU_TARGET_PROGRAMS = 264
+# Waves of programs (token splits × F tiles) to aim for: one program per SM fits at a time (registers),
+# and more splits cost more split-buffer reduction; two waves balance both.
+_TARGET_WAVES = 2
+
+
+def token_splits(num_tokens: int, f_tiles: int, sm_count: int, min_block_t: int = 64) -> int:
+    """How many token splits the backward grid has: as many as fill `_TARGET_WAVES` full waves of
+    `sm_count` SMs with `f_tiles` F tiles (rounded down: one program more than the waves hold costs a
+    whole extra wave), at most one per token tile, at least one."""
+    return max(1, min(triton.cdiv(num_tokens, min_block_t), _TARGET_WAVES * sm_count // f_tiles))
 
 
 @dataclass
@@ -185,8 +207,8 @@ def up_projection_backward(grad_y: torch.Tensor, x: torch.Tensor, indices: torch
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     block_f = block(F, 16, 128)
     f_tiles = triton.cdiv(F, block_f)
-    token_splits = 1 if INTERPRET else max(1, min(triton.cdiv(T, 64), triton.cdiv(_GPU_TARGET_PROGRAMS, f_tiles)))
-    split_f, split_t = (1, 1) if atomic else (f_tiles, token_splits)
+    splits = 1 if INTERPRET else token_splits(T, f_tiles, multiprocessor_count(x.device))
+    split_f, split_t = (1, 1) if atomic else (f_tiles, splits)
     new = torch.zeros if atomic or T == 0 else torch.empty  # T == 0: no program writes its slice
     opts = {"device": x.device, "dtype": acc_dtype}
     unused = x.new_empty(1, 1, 1, 1)  # stands in for the buffers of a projection that is not adapted
@@ -199,25 +221,26 @@ def up_projection_backward(grad_y: torch.Tensor, x: torch.Tensor, indices: torch
         "db1": new(split_t, E, F, R, **opts) if fc1_A is not None else unused,
     }
     # The stacked shrinks u = x A1ᵀ and g B2 are [T, E·r]: one small GEMM each, not one per F tile.
-    u = x @ stack_down(fc1_A).t() if fc1_A is not None else unused[0, 0]
+    u = fc1_shrink(x, fc1_A) if fc1_A is not None else unused[0, 0]
     gb2 = grad_y @ stack_up(fc2_B) if fc2_A is not None else unused[0, 0]
     b1, a2 = (t if t is not None else unused[0] for t in (fc1_B, fc2_A))
     if T > 0:
         dot, acc = kernel_dtypes(x.dtype)
         fixed = {"BLOCK_T": block(T, 16, 64), "BLOCK_K": block(D, 16, 128 if INTERPRET else 32), "num_warps": 4,
                  "num_stages": 2}
-        kernel, launch = pick_kernel(_backward_kernel, None if atomic else _tuned, T, fixed)
-        kernel[(f_tiles, token_splits)](
+        kernel, config = pick_kernel(_backward_kernel, None if atomic else _tuned, T, fixed)
+        launch(
+            kernel, (f_tiles, splits),
             x, grad_y, indices, weights, fc1_weight, fc1_bias if fc1_bias is not None else x, fc2_weight,
             u, b1, a2, gb2, *bufs.values(),
-            T, D, F, R, E * R, float(scale), token_splits,
+            T, D, F, E * R, float(scale), splits,
             *x.stride(), *grad_y.stride(), *indices.stride(), *weights.stride(), *fc1_weight.stride(),
             *fc2_weight.stride(), *u.stride(), b1.stride(0), b1.stride(2), b1.stride(1), *a2.stride(), *gb2.stride(),
             *bufs["grad_pre"].stride(), *bufs["dp"].stride(), *bufs["gu"].stride(), *bufs["da2"].stride(),
             bufs["db1"].stride(0), bufs["db1"].stride(1), bufs["db1"].stride(3), bufs["db1"].stride(2),
             K_SLOTS=indices.shape[1], HAS_BIAS=fc1_bias is not None, HAS_FC1_LORA=fc1_A is not None,
             HAS_FC2_LORA=fc2_A is not None, ACTIVATION=activation_name, ATOMIC=atomic, DOT=dot, ACC=acc,
-            ER_PAD=stacked_width(E, R), BLOCK_F=block_f, **launch,
+            PRECISION=dot_precision(x.dtype), RANK=R, ER_PAD=stacked_width(E, R), BLOCK_F=block_f, **config,
         )
 
     def reduce(name: str, adapted: bool) -> torch.Tensor | None:

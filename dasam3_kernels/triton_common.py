@@ -8,7 +8,10 @@ operand is cast to fp32 there) and it cannot benchmark (so autotuning is GPU-onl
 
 from __future__ import annotations
 
+import contextlib
 import os
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 import triton
@@ -35,6 +38,14 @@ def device_error(device: torch.device) -> str | None:
         return ("the Triton kernels run on CPU tensors only in Triton's interpreter: set "
                 "TRITON_INTERPRET=1 before importing dasam3_kernels")
     return f"the Triton kernels need a CUDA device (or the CPU with TRITON_INTERPRET=1), got {device.type!r}"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`input_precision` of the kernels' fp32 `tl.dot`s: TF32 tensor cores where torch allows them for
+    its own fp32 matmuls (`torch.backends.cuda.matmul.allow_tf32`), else exact fp32 ("ieee"); fp16/bf16
+    run on tensor cores whatever it says."""
+    allowed = dtype == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32
+    return "tf32" if allowed else "ieee"
 
 
 def kernel_dtypes(dtype: torch.dtype) -> tuple[tl.dtype, tl.dtype]:
@@ -70,6 +81,57 @@ def pick_kernel(kernel, tuned, num_tokens: int, fixed: dict) -> tuple:
     if tuned is not None and num_tokens >= AUTOTUNE_MIN_TOKENS:
         return tuned, {}
     return kernel, fixed
+
+
+# -- launches, and recording them for the static report ----------------------------------------------
+
+
+@dataclass
+class Launch:
+    """One kernel launch as a wrapper made it: the kernel, its arguments, and the configs it can run
+    (every autotune config, or the one fixed config in `kwargs`)."""
+
+    kernel: triton.runtime.JITFunction
+    grid: Callable[[dict], tuple] | tuple
+    args: tuple
+    kwargs: dict
+    configs: list[dict]  # each: block sizes, num_warps, num_stages (empty: all in kwargs)
+
+
+_recorded: list[Launch] | None = None
+_recorded_sm_count = 0
+
+
+@contextlib.contextmanager
+def recording_launches(sm_count: int) -> Iterator[list[Launch]]:
+    """Inside, `launch` records instead of running, and the wrappers size their grids for a GPU with
+    `sm_count` SMs: the wrappers can then be called on meta tensors, with no GPU, to see what they would
+    launch (`dasam3_kernels.static_report` compiles exactly that)."""
+    global _recorded, _recorded_sm_count
+    previous = _recorded, _recorded_sm_count
+    _recorded, _recorded_sm_count = [], sm_count
+    try:
+        yield _recorded
+    finally:
+        _recorded, _recorded_sm_count = previous
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """`kernel[grid](*args, **kwargs)`, or its record inside `recording_launches`."""
+    if _recorded is None:
+        kernel[grid](*args, **kwargs)
+        return
+    if isinstance(kernel, triton.runtime.Autotuner):
+        _recorded.append(Launch(kernel.fn, grid, args, kwargs, [c.all_kwargs() for c in kernel.configs]))
+    else:
+        _recorded.append(Launch(kernel, grid, args, kwargs, [{}]))
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """SMs of `device` (of the recorded GPU inside `recording_launches`)."""
+    if _recorded is not None:
+        return _recorded_sm_count
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 # -- device functions ------------------------------------------------------------------------------
@@ -115,10 +177,10 @@ def load_slot(idx_ptr, p_ptr, rows, mask_t, j, stride_it, stride_ij, stride_pt, 
 
 
 @triton.jit
-def lora_expand(pre, u, segment, b1t, scale, DOT: tl.constexpr, ACC: tl.constexpr):
+def lora_expand(pre, u, segment, b1t, scale, DOT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     """(z_j = pre + s (u ⊙ seg_j) B1ᵀ, the masked u_j): the slot's expert's fc1 delta, as one masked dot."""
     u_j = tl.where(segment, u, 0.0).to(DOT)
-    return tl.dot(u_j, b1t, input_precision="ieee", out_dtype=ACC) * scale + pre, u_j
+    return tl.dot(u_j, b1t, input_precision=PRECISION, out_dtype=ACC) * scale + pre, u_j
 
 
 @triton.jit

@@ -51,6 +51,21 @@ def _lora_shape(A: Tensor | None) -> tuple[int, int]:
     return (0, 0) if A is None else (A.shape[0], A.shape[1])
 
 
+def check_expert_indices(indices: Tensor, num_experts: int) -> None:
+    """An index outside [0, E) would select no expert's columns in the kernels: a silent drop, so it is
+    an error, as in the compiled ops.  On a GPU the check is a device-side assert (reading the values
+    back would stall the host on every call and forbid CUDA graph capture); on the CPU it names them."""
+    if indices.numel() == 0:
+        return
+    message = f"lowrank_moe: indices must lie in [0, {num_experts})"
+    if indices.is_cuda:
+        torch._assert_async(((indices >= 0) & (indices < num_experts)).all(), message)
+        return
+    low, high = (int(v) for v in torch.aminmax(indices))
+    if low < 0 or high >= num_experts:
+        raise ValueError(f"{message}, got values in [{low}, {high}]")
+
+
 # -- router ----------------------------------------------------------------------------------------
 
 
@@ -130,6 +145,9 @@ def _lowrank_moe_op(x: Tensor, indices: Tensor, weights: Tensor, fc1_weight: Ten
                     fc2_weight: Tensor, fc2_bias: Optional[Tensor], fc1_A: Optional[Tensor], fc1_B: Optional[Tensor],
                     fc2_A: Optional[Tensor], fc2_B: Optional[Tensor], scale: float, activation: str,
                     atomic: bool) -> tuple[Tensor, Tensor, Tensor]:
+    factor = fc1_A if fc1_A is not None else fc2_A
+    if factor is not None:
+        check_expert_indices(indices, factor.shape[0])
     mixed, lora_mid = up_projection(x, indices, weights, fc1_weight, fc1_bias, fc1_A, fc1_B, fc2_A, scale,
                                     activation, atomic)
     factor = None if fc2_B is None else fc2_B.transpose(1, 2)  # [E, r, D]

@@ -1,9 +1,11 @@
 """Fused router: logits, per-sample context bias, top-k, top-k softmax and full softmax in one launch.
 
-Forward, per tile of tokens (fp32 throughout, as `routing.route`):
+Forward, per tile of tokens (fp32 throughout, as `routing.route`; fp16/bf16 x and W are multiplied on
+tensor cores with fp32 accumulation, which is the same fp32 arithmetic: their products are exact in fp32):
 
     l_t   = x_t Wᵀ + b + ctx_bias[t // (T / R)]      (the context term arrives projected, once per sample)
-    e_t   = top-k of l_t, descending (ties: the lower expert index first)
+    e_t   = top-k of l_t, descending (ties: the lower expert index first; NaN ranks above every number,
+            as in torch.topk, so a NaN logit is picked and its weights come out NaN, never dropped)
     w_t   = softmax(l_t[e_t]);   probs_t = softmax(l_t)
 
 Backward, per tile of tokens × tile of D: the logit gradient through both softmaxes,
@@ -17,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import INTERPRET, block
+from .triton_common import INTERPRET, block, kernel_dtypes, launch
 
 
 @triton.jit
@@ -25,7 +27,7 @@ def _router_forward_kernel(
     x_ptr, w_ptr, b_ptr, c_ptr, idx_ptr, wout_ptr, probs_ptr,
     T, D, E, TOKENS_PER_ROW,
     stride_xt, stride_xd, stride_we, stride_wd, stride_cr, stride_ce,
-    K_SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
+    K_SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CONTEXT: tl.constexpr, DOT: tl.constexpr,
     E_PAD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -42,9 +44,9 @@ def _router_forward_kernel(
         kk = k0 + offs_k
         mask_k = kk < D
         xk = tl.load(x_ptr + rows[:, None] * stride_xt + kk[None, :] * stride_xd,
-                     mask=mask_t[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+                     mask=mask_t[:, None] & mask_k[None, :], other=0.0).to(DOT)
         wk = tl.load(w_ptr + offs_e[None, :] * stride_we + kk[:, None] * stride_wd,
-                     mask=mask_k[:, None] & mask_e[None, :], other=0.0).to(tl.float32)
+                     mask=mask_k[:, None] & mask_e[None, :], other=0.0).to(DOT)
         logits = tl.dot(xk, wk, logits, input_precision="ieee")
     if HAS_BIAS:
         logits += tl.load(b_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)[None, :]
@@ -58,17 +60,20 @@ def _router_forward_kernel(
     exp_all = tl.exp(logits - row_max[:, None])
     probs = exp_all / tl.sum(exp_all, axis=1)[:, None]
 
-    # Top-k by repeated arg-max; the first pick is the row max, so exp(l - row_max) is the softmax's
-    # numerator of the selected logits too.
-    remaining = logits
+    # Top-k by repeated arg-max over the logits with NaN as +inf (torch.topk's order: a NaN is never
+    # matched by `== best`, so it would pick no expert at all); the exponent takes the picked logit
+    # itself, so a NaN one makes the weights NaN as torch's softmax does.
+    remaining = tl.where(logits != logits, float("inf"), logits)
     chosen = tl.zeros((BLOCK_T, K_PAD), dtype=tl.int64)
     top_exp = tl.zeros((BLOCK_T, K_PAD), dtype=tl.float32)
     for j in tl.static_range(K_SLOTS):
         best = tl.max(remaining, axis=1)
         pick = tl.min(tl.where(remaining == best[:, None], offs_e[None, :], E_PAD), axis=1)
+        picked = offs_e[None, :] == pick[:, None]
+        logit = tl.sum(tl.where(picked, logits, 0.0), axis=1)
         chosen = tl.where(offs_j[None, :] == j, pick.to(tl.int64)[:, None], chosen)
-        top_exp = tl.where(offs_j[None, :] == j, tl.exp(best - row_max)[:, None], top_exp)
-        remaining = tl.where(offs_e[None, :] == pick[:, None], float("-inf"), remaining)
+        top_exp = tl.where(offs_j[None, :] == j, tl.exp(logit - row_max)[:, None], top_exp)
+        remaining = tl.where(picked, float("-inf"), remaining)
     top_w = top_exp / tl.sum(top_exp, axis=1)[:, None]
 
     mask_tj = mask_t[:, None] & (offs_j[None, :] < K_SLOTS)
@@ -82,7 +87,8 @@ def _router_backward_kernel(
     gw_ptr, gp_ptr, idx_ptr, w_ptr, probs_ptr, weight_ptr, dl_ptr, dx_ptr,
     T, D, E,
     stride_gwt, stride_gwj, stride_gpt, stride_gpe, stride_we, stride_wd, stride_dxt, stride_dxd,
-    K_SLOTS: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    K_SLOTS: tl.constexpr, DOT: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -112,10 +118,16 @@ def _router_backward_kernel(
     if pid_d == 0:
         tl.store(dl_ptr + rows[:, None] * E + offs_e[None, :], dl, mask=mask_te)
     weight = tl.load(weight_ptr + offs_e[:, None] * stride_we + offs_d[None, :] * stride_wd,
-                     mask=(offs_e[:, None] < E) & (offs_d[None, :] < D), other=0.0).to(tl.float32)
-    dx = tl.dot(dl, weight, input_precision="ieee")
+                     mask=(offs_e[:, None] < E) & (offs_d[None, :] < D), other=0.0).to(DOT)
+    dx = tl.dot(dl.to(DOT), weight, input_precision="ieee", out_dtype=tl.float32)
     tl.store(dx_ptr + rows[:, None] * stride_dxt + offs_d[None, :] * stride_dxd, dx.to(dx_ptr.dtype.element_ty),
              mask=mask_t[:, None] & (offs_d[None, :] < D))
+
+
+def _dot_dtype(x: torch.Tensor, weight: torch.Tensor):
+    """The router's operand dtype: x's half type when the weight has it too (tensor cores), else fp32."""
+    dot, _ = kernel_dtypes(x.dtype)
+    return dot if x.dtype == weight.dtype and x.dtype in (torch.float16, torch.bfloat16) else tl.float32
 
 
 def _blocks(num_tokens: int, width: int, top_k: int, num_experts: int) -> dict:
@@ -139,11 +151,13 @@ def route_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return indices, weights, probs
     blocks = _blocks(T, D, top_k, E)
     ctx = ctx_bias if ctx_bias is not None else probs
-    _router_forward_kernel[(triton.cdiv(T, blocks["BLOCK_T"]),)](
+    launch(
+        _router_forward_kernel, (triton.cdiv(T, blocks["BLOCK_T"]),),
         x, weight, bias if bias is not None else weight, ctx, indices, weights, probs,
         T, D, E, T // ctx.shape[0],
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), ctx.stride(0), ctx.stride(1),
-        K_SLOTS=top_k, HAS_BIAS=bias is not None, HAS_CONTEXT=ctx_bias is not None, **blocks,
+        K_SLOTS=top_k, HAS_BIAS=bias is not None, HAS_CONTEXT=ctx_bias is not None, DOT=_dot_dtype(x, weight),
+        **blocks,
     )
     return indices, weights, probs
 
@@ -161,11 +175,12 @@ def route_backward(grad_weights: torch.Tensor, grad_probs: torch.Tensor, x: torc
     blocks = _blocks(T, D, indices.shape[1], E)
     block_d = blocks.pop("BLOCK_K")
     grid = (triton.cdiv(T, blocks["BLOCK_T"]), triton.cdiv(D, block_d))
-    _router_backward_kernel[grid](
+    launch(
+        _router_backward_kernel, grid,
         grad_weights, grad_probs, indices.contiguous(), weights.contiguous(), probs.contiguous(), weight,
         grad_logits, grad_x, T, D, E,
         grad_weights.stride(0), grad_weights.stride(1), grad_probs.stride(0), grad_probs.stride(1),
         weight.stride(0), weight.stride(1), grad_x.stride(0), grad_x.stride(1),
-        K_SLOTS=indices.shape[1], BLOCK_D=block_d, **blocks,
+        K_SLOTS=indices.shape[1], DOT=_dot_dtype(x, weight), BLOCK_D=block_d, **blocks,
     )
     return grad_logits, grad_x

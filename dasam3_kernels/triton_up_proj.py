@@ -1,9 +1,10 @@
 """Fused up-projection of the low-rank mixture: fc1 + every expert's fc1 delta + activation + mixing.
 
-For a tile of tokens × a tile of F, one K-loop over D accumulates the frozen product `x W1ᵀ` and the
-shrink `u = x A1ᵀ` of all experts stacked (`[E·r, D]`, fp32 accumulators).  Then, per routing slot j,
-the expand of u's segment of expert e_tj with B1[e_tj] (a masked dot over the stacked rank), the
-activation, and in the epilogue
+For a tile of tokens × a tile of F, one K-loop over D accumulates the frozen product `x W1ᵀ` (fp32
+accumulators).  The shrink `u = x A1ᵀ` of all experts stacked (`[T, E·r]`) is one small GEMM done once
+by the caller (not once per F tile), as in the backward.  Then, per routing slot j, the expand of u's
+segment of expert e_tj with B1[e_tj] (a masked dot over the stacked rank), the activation, and in the
+epilogue
 
     m   = Σ_j p_j h_j                       (stored, [T, F]: the down-projection's input)
     V  += Σ_j p_j (h_j A2ᵀ ⊙ seg_j)          (this F tile's share of the fc2 shrink, [T, E·r])
@@ -18,20 +19,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (INTERPRET, activation, autotuned, block, kernel_dtypes, load_slot, load_stacked, load_tile,
-                            lora_expand, pick_kernel, stacked_width)
+from .torch_path import stack_down
+from .triton_common import (INTERPRET, activation, autotuned, block, dot_precision, kernel_dtypes, launch, load_slot,
+                            load_stacked, load_tile, lora_expand, pick_kernel, stacked_width)
 
 
 @triton.jit
 def _up_projection_kernel(
-    x_ptr, idx_ptr, p_ptr, w1_ptr, b1_ptr, a1_ptr, bb1_ptr, a2_ptr, m_ptr, v_ptr,
-    T, D, F, RANK, ER, scale,
+    x_ptr, idx_ptr, p_ptr, w1_ptr, b1_ptr, u_ptr, bb1_ptr, a2_ptr, m_ptr, v_ptr,
+    T, D, F, ER, scale,
     stride_xt, stride_xd, stride_it, stride_ij, stride_pt, stride_pj, stride_w1f, stride_w1d,
-    stride_a1e, stride_a1q, stride_a1d, stride_b1e, stride_b1q, stride_b1f,
+    stride_ut, stride_uc, stride_b1e, stride_b1q, stride_b1f,
     stride_a2e, stride_a2q, stride_a2f, stride_mt, stride_mf, stride_vs, stride_vt, stride_vc,
     K_SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_FC1_LORA: tl.constexpr, HAS_FC2_LORA: tl.constexpr,
-    ACTIVATION: tl.constexpr, ATOMIC: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
-    ER_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACTIVATION: tl.constexpr, ATOMIC: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    RANK: tl.constexpr, ER_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_f = tl.program_id(1)
@@ -43,22 +45,18 @@ def _up_projection_kernel(
     mask_f = offs_f < F
     rows = offs_t.to(tl.int64)
 
-    # K-loop over D: the frozen fc1 GEMM and the stacked fc1 shrink share the x tile.
     pre = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC)
-    u = tl.zeros((BLOCK_T, ER_PAD), dtype=ACC)
     for k0 in range(0, D, BLOCK_K):
         kk = k0 + offs_k
         mask_k = kk < D
         xk = load_tile(x_ptr, rows, kk, mask_t, mask_k, stride_xt, stride_xd).to(DOT)
         w1k = load_tile(w1_ptr, kk, offs_f, mask_k, mask_f, stride_w1d, stride_w1f).to(DOT)
-        pre = tl.dot(xk, w1k, pre, input_precision="ieee")
-        if HAS_FC1_LORA:
-            a1k = load_stacked(a1_ptr, offs_c, kk, mask_k, RANK, ER, stride_a1e, stride_a1q, stride_a1d, True)
-            u = tl.dot(xk, a1k.to(DOT), u, input_precision="ieee")
+        pre = tl.dot(xk, w1k, pre, input_precision=PRECISION)
     if HAS_BIAS:
         pre += tl.load(b1_ptr + offs_f, mask=mask_f, other=0.0).to(ACC)[None, :]
 
-    if HAS_FC1_LORA:  # B1 stacked [E·r, F] tile: the expand of every expert at once
+    if HAS_FC1_LORA:  # u [BT, E·r] and the B1 stacked [E·r, F] tile: the expand of every expert at once
+        u = load_tile(u_ptr, rows, offs_c, mask_t, offs_c < ER, stride_ut, stride_uc).to(ACC)
         b1t = load_stacked(bb1_ptr, offs_c, offs_f, mask_f, RANK, ER, stride_b1e, stride_b1q, stride_b1f, False).to(DOT)
     if HAS_FC2_LORA:  # A2 stacked, transposed to [F, E·r]
         a2t = load_stacked(a2_ptr, offs_c, offs_f, mask_f, RANK, ER, stride_a2e, stride_a2q, stride_a2f, True).to(DOT)
@@ -70,11 +68,11 @@ def _up_projection_kernel(
                            ACC)
         z = pre
         if HAS_FC1_LORA:
-            z, _ = lora_expand(pre, u, seg, b1t, scale, DOT, ACC)
+            z, _ = lora_expand(pre, u, seg, b1t, scale, DOT, ACC, PRECISION)
         h = activation(z, ACTIVATION)
         mixed += p[:, None] * h
         if HAS_FC2_LORA:
-            vj = tl.dot(h.to(DOT), a2t, input_precision="ieee", out_dtype=ACC)
+            vj = tl.dot(h.to(DOT), a2t, input_precision=PRECISION, out_dtype=ACC)
             v += tl.where(seg, vj, 0.0) * p[:, None]
 
     tl.store(m_ptr + rows[:, None] * stride_mt + offs_f[None, :] * stride_mf, mixed.to(m_ptr.dtype.element_ty),
@@ -95,9 +93,17 @@ _GPU_CONFIGS = [
 _tuned = autotuned(_up_projection_kernel, _GPU_CONFIGS, key=["D", "F", "ER"])
 
 
+def fc1_shrink(x: torch.Tensor, fc1_A: torch.Tensor) -> torch.Tensor:
+    """u = x A1ᵀ of all experts stacked, [T, E·r] in x's dtype: one small GEMM, shared by the forward and
+    the backward (which recomputes the pre-activations from the same u)."""
+    return x @ stack_down(fc1_A).t()
+
+
 def _f_block(d_ff: int) -> int:
-    """F tile: not autotuned, since the V buffer has one slice per F tile."""
-    return block(d_ff, 16, 128)
+    """F tile: not autotuned, since the V buffer has one slice per F tile.  64, not 128: at 128 every
+    config spills (the chained dots make Triton split the warps along tokens only, so each warp holds
+    whole [K, BLOCK_F] operands; see `python -m dasam3 kernels`)."""
+    return block(d_ff, 16, 64)
 
 
 def up_projection(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, fc1_weight: torch.Tensor,
@@ -124,24 +130,25 @@ def up_projection(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
         return m, None if v is None else v.sum(0)
 
     dot, acc = kernel_dtypes(x.dtype)
-    a1 = fc1_A if fc1_A is not None else x.new_empty(1, 1, 1)
+    u = fc1_shrink(x, fc1_A) if fc1_A is not None else x.new_empty(1, 1)
     b1 = fc1_B if fc1_B is not None else x.new_empty(1, 1, 1)
     a2 = fc2_A if fc2_A is not None else x.new_empty(1, 1, 1)
     vbuf = v if v is not None else x.new_empty(1, 1, 1, dtype=acc_dtype)
     fixed = {"BLOCK_T": block(T, 16, 64), "BLOCK_K": block(D, 16, 128 if INTERPRET else 64), "num_warps": 4,
              "num_stages": 2}
-    kernel, launch = pick_kernel(_up_projection_kernel, None if atomic else _tuned, T, fixed)
+    kernel, config = pick_kernel(_up_projection_kernel, None if atomic else _tuned, T, fixed)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]), triton.cdiv(F, block_f))  # noqa: E731
-    kernel[grid](
-        x, indices, weights, fc1_weight, fc1_bias if fc1_bias is not None else x, a1, b1, a2, m, vbuf,
-        T, D, F, R, E * R, float(scale),
+    launch(
+        kernel, grid,
+        x, indices, weights, fc1_weight, fc1_bias if fc1_bias is not None else x, u, b1, a2, m, vbuf,
+        T, D, F, E * R, float(scale),
         x.stride(0), x.stride(1), indices.stride(0), indices.stride(1), weights.stride(0), weights.stride(1),
         fc1_weight.stride(0), fc1_weight.stride(1),
-        a1.stride(0), a1.stride(1), a1.stride(2), b1.stride(0), b1.stride(2), b1.stride(1),
+        u.stride(0), u.stride(1), b1.stride(0), b1.stride(2), b1.stride(1),
         a2.stride(0), a2.stride(1), a2.stride(2), m.stride(0), m.stride(1),
         vbuf.stride(0), vbuf.stride(1), vbuf.stride(2),
         K_SLOTS=indices.shape[1], HAS_BIAS=fc1_bias is not None, HAS_FC1_LORA=fc1_A is not None,
         HAS_FC2_LORA=fc2_A is not None, ACTIVATION=activation_name, ATOMIC=atomic, DOT=dot, ACC=acc,
-        ER_PAD=stacked_width(E, R), BLOCK_F=block_f, **launch,
+        PRECISION=dot_precision(x.dtype), RANK=R, ER_PAD=stacked_width(E, R), BLOCK_F=block_f, **config,
     )
     return m, None if v is None else (v[0] if atomic else v.sum(0))

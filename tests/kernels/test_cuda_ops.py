@@ -11,7 +11,7 @@ import torch
 
 from dasam3_kernels import available_backends, load_backend
 
-from .cases import EDGE_CASES, LOW_PRECISION_CASES, Case, check_against_reference, make_problem
+from .cases import EDGE_CASES, LOW_PRECISION_CASES, Case, assert_close, check_against_reference, make_problem
 from .ext_checks import MULTI_TILE_CASES, bwd_args, check_layer_against_reference, fwd_args
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -77,3 +77,39 @@ def test_deterministic_mode_is_refused(cuda_op):
             cuda_op(*problem.args())
     finally:
         torch.use_deterministic_algorithms(previous)
+
+
+def _no_host_sync(fn):
+    """Runs fn() with torch's sync debug mode set to raise on any host synchronisation."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_forward_and_backward_never_sync_the_host(cuda_op):
+    """The index check runs on the device (it read the index range back to the host on every call)."""
+    problem = make_problem(Case(tokens=300, d_model=64, d_ff=256, dtype=torch.bfloat16), device="cuda")
+    grad = torch.randn(300, 64, device="cuda", dtype=torch.bfloat16)
+    y = _no_host_sync(lambda: cuda_op(*problem.args()))
+    _no_host_sync(lambda: torch.autograd.grad(y, [problem.x, problem.tensors["fc1_A"]], grad))
+
+
+def test_forward_is_captured_by_a_cuda_graph(cuda_op):
+    problem = make_problem(Case(tokens=300, d_model=64, d_ff=256, dtype=torch.bfloat16), device="cuda")
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in problem.args())
+    with torch.no_grad():
+        expected = cuda_op(*args)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            cuda_op(*args)  # warm-up outside the capture, as CUDA graphs require
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = cuda_op(*args)
+        graph.replay()
+    torch.cuda.synchronize()
+    assert_close(captured, expected, 2e-2, "replayed graph")  # V's atomics: equal up to summation order

@@ -50,7 +50,10 @@ def test_gpu_check_script_smoke_runs_on_cpu(tmp_path):
     assert _script("gpu_check").main(args) == 0
     result = json.loads(out.read_text())
     ratios = result["results"]["relu"]["ratios"]["eager"]
-    assert set(result["results"]["relu"]["layers"]) == {"dense", "torch", "standard_moe", "triton"}
+    layers = result["results"]["relu"]["layers"]
+    assert set(layers) == {"dense", "torch", "standard_moe", "triton", "cuda"}
+    assert "cuda" in layers["cuda"]["skipped"]  # recorded with the reason it cannot run on the CPU
+    assert set(result["results"]["relu"]["ops"]) == {"torch", "triton", "cuda"}
     assert all(ratios[name] > 0 for name in ("triton_forward_vs_dense", "triton_train_vs_dense",
                                              "torch_vs_triton_forward"))
     assert _script("gpu_check").main(args) == 2, "an existing result must not be overwritten"

@@ -29,6 +29,15 @@ def test_multi_tile_matches_reference():
     check_against_reference(load_backend("triton").lowrank_moe, MULTI_TILE)
 
 
+@pytest.mark.parametrize("bad", [-1, 4], ids=["negative", "past-the-experts"])
+def test_out_of_range_expert_index_raises(bad: int):
+    """An index outside [0, E) matches no expert's columns in the kernels: an error, never a silent drop."""
+    problem = make_problem(Case(tokens=5))
+    problem.indices[2, 1] = bad
+    with pytest.raises(ValueError, match=rf"indices must lie in \[0, 4\), got values in \[{min(bad, 0)}, {max(bad, 3)}\]"):
+        load_backend("triton").lowrank_moe(*problem.args())
+
+
 @pytest.mark.parametrize("case", [MULTI_TILE, replace(MULTI_TILE, adapt=("fc1",), bias=False, activation="silu")],
                          ids=["both", "fc1-only"])
 def test_atomic_reductions_match_deterministic(case: Case):

@@ -104,3 +104,19 @@ def test_router_rejects_bad_arguments():
         route(x, weight, None, torch.zeros(4, 4, device=DEVICE), 2)
     with pytest.raises(ValueError, match=r"top_k must be in \[1, 4\], got 5"):
         route(x, weight, None, None, 5)
+
+
+def test_router_nan_logit_is_picked_as_torch_picks_it():
+    """A NaN logit ranks above every number (torch.topk); the kernel once stored index E_PAD for it,
+    which the expert kernels then dropped silently.  Now it picks the NaN expert and the weights are NaN."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 16, generator=gen).to(DEVICE)
+    weight = torch.randn(4, 16, generator=gen).to(DEVICE)
+    bias = torch.tensor([0.0, float("nan"), 0.5, -0.5], device=DEVICE)
+    indices, weights, probs = route(x, weight, bias, None, 2)
+    indices_ref, weights_ref, probs_ref = routing.route(x, weight, bias, None, 2)
+    assert indices.min() >= 0 and indices.max() < 4
+    assert torch.equal(indices[:, 0], indices_ref[:, 0]) and (indices[:, 0] == 1).all()
+    assert torch.equal(indices[:, 1], indices_ref[:, 1])
+    assert weights.isnan().all() and weights_ref.isnan().all()
+    assert probs.isnan().all() and probs_ref.isnan().all()
