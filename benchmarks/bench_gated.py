@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dasam3.benchmark import Contender, hardware_name, time_ms
+from dasam3.benchmark import Contender, hardware_name, timed_run
 from dasam3.layers import DAMoE
 from dasam3_kernels import aux_losses, load_backend
 from dasam3_kernels.activations import activation_fn
@@ -104,23 +105,12 @@ def check(contenders: dict[str, Contender]) -> dict[str, float]:
                 for name in ("DAMoE gated (torch)", "MixLoRA-style")}
 
 
-def run(dtype: torch.dtype, min_run_time: float = 2.0) -> dict:
+def run(dtype: torch.dtype, min_run_time: float = 2.0, clock: str = "wall") -> dict:
     contenders = build(dtype)
-    errors = check(contenders)
-    rows = []
-    for name, contender in contenders.items():
-        contender.forward()  # warm-up
-        contender.train_step()
-        rows.append({"name": name, "forward_ms": time_ms(contender.forward, min_run_time),
-                     "train_step_ms": time_ms(contender.train_step, min_run_time),
-                     "max_rel_error_vs_reference": errors.get(name)})
-    dense = rows[0]
-    for row in rows:
-        row["forward_ratio"] = row["forward_ms"] / dense["forward_ms"]
-        row["train_step_ratio"] = row["train_step_ms"] / dense["train_step_ms"]
+    timed = timed_run(contenders, check(contenders), min_run_time, torch.get_num_threads(), clock)
     return {"shape": LLAMA_SHAPE, "dtype": str(dtype).replace("torch.", ""), "hardware": hardware_name("cpu"),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
-            "rows": rows}
+            "threads": timed["threads"], "clock": clock, "load_average": list(os.getloadavg()),
+            "torch": torch.__version__, "python": platform.python_version(), "rows": timed["rows"]}
 
 
 def format_rows(result: dict) -> str:
@@ -137,9 +127,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="fp32 and/or bf16 (default both)")
     parser.add_argument("--min-time", type=float, default=2.0, help="seconds of timing per contender and pass")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall time, or the process's CPU time (less skewed by a loaded machine)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    results = [run(DTYPES[name], args.min_time) for name in args.dtype or ("fp32", "bf16")]
+    results = [run(DTYPES[name], args.min_time, args.clock) for name in args.dtype or ("fp32", "bf16")]
     print("\n\n".join(format_rows(r) for r in results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

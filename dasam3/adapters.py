@@ -24,7 +24,9 @@ FORMAT_VERSION = 1
 _METADATA_KEY = "dasam3_adapter"
 # The DA-MoE hyper-parameters that must agree for an adapter to mean the same thing in another model.
 _LAYER_FIELDS = ("d_model", "d_ff", "num_experts", "top_k", "rank", "alpha", "activation", "context_dim",
-                 "adapt", "router_type", "expert_type")
+                 "adapt", "router_type", "expert_type", "gated")
+# What an adapter written before a field existed means by its absence.
+_FIELD_DEFAULTS = {"gated": False}
 
 
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -114,8 +116,9 @@ def _tensor_differences(targets: dict[str, torch.Tensor], tensors: dict[str, tor
 def _layer_differences(model_layers: dict[str, dict], adapter_layers: dict[str, dict]) -> list[str]:
     problems = []
     for name in sorted(set(model_layers) & set(adapter_layers)):
-        differ = [f"{f} model={model_layers[name][f]!r} adapter={adapter_layers[name].get(f)!r}"
-                  for f in _LAYER_FIELDS if model_layers[name][f] != adapter_layers[name].get(f)]
+        stored = {f: adapter_layers[name].get(f, _FIELD_DEFAULTS.get(f)) for f in _LAYER_FIELDS}
+        differ = [f"{f} model={model_layers[name][f]!r} adapter={stored[f]!r}"
+                  for f in _LAYER_FIELDS if model_layers[name][f] != stored[f]]
         if differ:
             problems.append(f"DA-MoE layer {name}: " + ", ".join(differ))
     return problems

@@ -155,7 +155,7 @@ def run(shape: BenchShape = BenchShape(), device: str = "cpu", dtype: torch.dtyp
     the current count), with ratios to the dense FFN, the choice "auto" makes and the param table."""
     contenders = build_contenders(shape, device, dtype, backends, autocast=autocast)
     errors = check_contenders(contenders)
-    runs = [_timed_run(contenders, errors, min_run_time, n, clock) for n in threads or [torch.get_num_threads()]]
+    runs = [timed_run(contenders, errors, min_run_time, n, clock) for n in threads or [torch.get_num_threads()]]
     dpe = param_report(next(c.module for c in contenders.values() if isinstance(c.module, DAMoE)))
     full = param_report(contenders["standard MoE (full experts)"].module)
     return {
@@ -175,7 +175,7 @@ def _load_average() -> list[float] | None:
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
-def _timed_run(contenders: dict[str, Contender], errors: dict[str, float], min_run_time: float,
+def timed_run(contenders: dict[str, Contender], errors: dict[str, float], min_run_time: float,
                threads: int, clock: str) -> dict:
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -9,7 +9,7 @@ from torch import nn
 
 import dasam3
 from dasam3.adapters import adapter_tensors, read_adapter
-from dasam3.layers import patch_ffn, trainable_parameters
+from dasam3.layers import DAMoE, patch_ffn, trainable_parameters
 from dasam3.models import DASAM3
 from tests.models.test_dasam3 import _images, _randomise, _tiny
 
@@ -97,3 +97,12 @@ def test_refusals(base, tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="is not a dasam3 adapter"):
         dasam3.load_adapter(model, tmp_path / "other.safetensors")
+
+
+def test_gated_and_plain_layers_do_not_mix(tmp_path):
+    gated = nn.Sequential(DAMoE(16, 32, rank=2, gated=True, activation="silu"))
+    path = dasam3.save_adapter(gated, tmp_path / "gated.safetensors")
+    assert read_adapter(path)[1]["layers"]["0"]["gated"] is True
+    dasam3.load_adapter(nn.Sequential(DAMoE(16, 32, rank=2, gated=True, activation="silu")), path)
+    with pytest.raises(ValueError, match=r"DA-MoE layer 0: .*gated model=False adapter=True"):
+        dasam3.load_adapter(nn.Sequential(DAMoE(16, 32, rank=2, activation="silu")), path)
