@@ -1,0 +1,197 @@
+"""One training step of the full-size SAM3 (transformers' `Sam3Model(Sam3Config())`, 840 M parameters,
+random init): the frozen model's forward alone, LoRA at the DA-MoE layers (E = 1, k = 1, no context)
+and DA-SAM3 (E = 4, k = 2, rank 8, concept context), side by side in one run.
+
+    python benchmarks/sam3_step.py --out benchmarks/results/sam3_step_cpu.json            # 336² on the CPU
+    python benchmarks/sam3_step.py --device cuda --out benchmarks/results/sam3_step_gpu.json  # 1008²
+
+A training step is what `dasam3 train` does per batch: forward in training mode, Dice + Focal on
+`semantic_seg` plus the routing loss, backward, AdamW over `mark_trainable(model, "warmup")` (the
+fusion encoder's DA-MoE / LoRA factors, routers, contexts and LayerNorms; the towers run without
+autograd).  Each contender runs in its own process (so one's memory does not hide another's): a
+warm-up step (AdamW's state, the allocator), then `--steps` timed steps; the figure is the median.
+
+Peak memory: on the CPU the process's peak resident set (VmHWM, reset through /proc/self/clear_refs
+before each step) with glibc's mmap threshold pinned low (MALLOC_MMAP_THRESHOLD_), so freed tensors
+leave the resident set at once and it follows the live tensors; tracemalloc cannot be used, it does
+not see torch's allocations.  On a GPU `torch.cuda.max_memory_allocated`.  Both are reported as the
+total (weights included) and as the step's extra over what was resident before it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CONTENDERS = ("frozen-forward", "lora", "da-sam3")
+ADAPTATIONS = {"lora": {"num_experts": 1, "top_k": 1, "use_context": False},
+               "da-sam3": {"num_experts": 4, "top_k": 2, "rank": 8}}
+PROMPT_LENGTH = 32
+
+
+def build(image_size: int, contender: str, device: torch.device):
+    from transformers import Sam3Config, Sam3Model
+
+    from dasam3.integrations.sam3 import adapt_sam3
+    from dasam3.layers import mark_trainable
+
+    config = Sam3Config()
+    config.vision_config.backbone_config.image_size = image_size
+    model = Sam3Model(config)
+    if contender in ADAPTATIONS:
+        adapt_sam3(model, **ADAPTATIONS[contender])
+        mark_trainable(model, "warmup")
+    else:
+        model.requires_grad_(False)
+    return model.to(device).train()
+
+
+def inputs(batch: int, image_size: int, device: torch.device) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.ones(batch, PROMPT_LENGTH, dtype=torch.long)
+    mask[:, 6:] = 0  # a short prompt padded to 32 tokens, as Sam3Processor pads
+    return {"pixel_values": torch.rand(batch, 3, image_size, image_size, generator=generator).to(device),
+            "input_ids": torch.randint(1, 49000, (batch, PROMPT_LENGTH), generator=generator).to(device),
+            "attention_mask": mask.to(device)}
+
+
+class PeakMemory:
+    """Peak memory of a block: the total and the extra over what was in use when it began."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the current resident set
+            self.start = _status_bytes("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self.peak = _status_bytes("VmHWM")
+        self.extra = self.peak - self.start
+
+
+def _status_bytes(field: str) -> int:
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def measure(contender: str, image_size: int, batch: int, steps: int, device: torch.device) -> dict:
+    """Run in a child process: build, one warm-up step, `steps` timed steps with their peak memory."""
+    from dasam3.layers import aux_loss
+    from dasam3.losses import segmentation_loss
+
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    model = build(image_size, contender, device)
+    build_seconds = time.perf_counter() - started
+    batch_inputs = inputs(batch, image_size, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.1) if params else None
+
+    def step():
+        if optimizer is None:
+            with torch.no_grad():
+                return model(**batch_inputs).semantic_seg
+        logits = model(**batch_inputs).semantic_seg
+        targets = (torch.rand(logits.shape, generator=torch.Generator().manual_seed(1)) > 0.5).float().to(device)
+        loss = segmentation_loss(logits, targets) + aux_loss(model)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return logits
+
+    step()  # warm-up
+    seconds, peaks, extras = [], [], []
+    for _ in range(steps):
+        with PeakMemory(device) as memory:
+            begun = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds.append(time.perf_counter() - begun)
+        peaks.append(memory.peak)
+        extras.append(memory.extra)
+    return {"contender": contender, "build_seconds": build_seconds, "step_seconds": seconds,
+            "median_seconds": statistics.median(seconds), "peak_bytes": max(peaks), "peak_extra_bytes": max(extras),
+            "trainable_parameters": sum(p.numel() for p in params),
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def run_child(contender: str, args: argparse.Namespace) -> dict:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", contender, "--device", args.device,
+               "--image-size", str(args.image_size), "--batch", str(args.batch), "--steps", str(args.steps)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{contender} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def summarise(rows: dict[str, dict]) -> dict[str, float]:
+    frozen, lora, moe = (rows[c] for c in CONTENDERS)
+    return {"time_da_sam3_over_lora": moe["median_seconds"] / lora["median_seconds"],
+            "time_da_sam3_over_frozen_forward": moe["median_seconds"] / frozen["median_seconds"],
+            "peak_da_sam3_over_frozen_forward": moe["peak_bytes"] / frozen["peak_bytes"],
+            "peak_extra_da_sam3_over_frozen_forward": moe["peak_extra_bytes"] / frozen["peak_extra_bytes"],
+            "time_lora_over_frozen_forward": lora["median_seconds"] / frozen["median_seconds"]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--image-size", type=int, default=None, help="default: 336 on the CPU, 1008 on a GPU")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per contender (after one warm-up)")
+    parser.add_argument("--out", type=Path, default=None, help="write the result JSON here")
+    parser.add_argument("--child", choices=CONTENDERS, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.image_size = args.image_size or (1008 if args.device == "cuda" else 336)
+    device = torch.device(args.device)
+    if args.child:
+        print(json.dumps(measure(args.child, args.image_size, args.batch, args.steps, device)))
+        return 0
+    from dasam3.benchmark import hardware_name
+
+    load_before = os.getloadavg()
+    rows = {}
+    for contender in CONTENDERS:
+        rows[contender] = run_child(contender, args)
+        print(f"{contender:>15}: {rows[contender]['median_seconds']:7.2f} s/step, peak "
+              f"{rows[contender]['peak_bytes'] / 2**30:5.2f} GiB (+{rows[contender]['peak_extra_bytes'] / 2**30:.2f} "
+              f"over the resident model)", flush=True)
+    result = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+              "device": args.device, "hardware": hardware_name(device), "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "image_size": args.image_size, "batch": args.batch, "steps": args.steps,
+              "load_average_before": load_before, "load_average_after": os.getloadavg(),
+              "contenders": rows, "ratios": summarise(rows)}
+    for name, value in result["ratios"].items():
+        print(f"{name:>40}: {value:.3f}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
