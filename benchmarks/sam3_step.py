@@ -8,19 +8,22 @@ and DA-SAM3 (E = 4, k = 2, rank 8, concept context), side by side in one run.
 A training step is what `dasam3 train` does per batch: forward in training mode, Dice + Focal on
 `semantic_seg` plus the routing loss, backward, AdamW over `mark_trainable(model, "warmup")` (the
 fusion encoder's DA-MoE / LoRA factors, routers, contexts and LayerNorms; the towers run without
-autograd).  Each contender runs in its own process (so one's memory does not hide another's): a
-warm-up step (AdamW's state, the allocator), then `--steps` timed steps; the figure is the median.
+autograd).  One model is built; the contenders differ only in its fusion encoder (the original, a LoRA
+copy, a DA-SAM3 copy), swapped in turn, and their steps are interleaved round by round (after one
+warm-up step each: AdamW's state, the allocator), so a machine whose load drifts slows all three
+alike.  The figure is each contender's median step.
 
 Peak memory: on the CPU the process's peak resident set (VmHWM, reset through /proc/self/clear_refs
-before each step) with glibc's mmap threshold pinned low (MALLOC_MMAP_THRESHOLD_), so freed tensors
+before each step; the script re-runs itself with glibc's mmap threshold pinned low, so freed tensors
 leave the resident set at once and it follows the live tensors; tracemalloc cannot be used, it does
-not see torch's allocations.  On a GPU `torch.cuda.max_memory_allocated`.  Both are reported as the
+not see torch's allocations).  On a GPU `torch.cuda.max_memory_allocated`.  Both are reported as the
 total (weights included) and as the step's extra over what was resident before it.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -40,29 +43,41 @@ ADAPTATIONS = {"lora": {"num_experts": 1, "top_k": 1, "use_context": False},
 PROMPT_LENGTH = 32
 
 
-def build(image_size: int, contender: str, device: torch.device):
+def build(image_size: int, device: torch.device):
+    """The full-size model and each contender's fusion encoder (the original and two adapted copies)."""
     from transformers import Sam3Config, Sam3Model
 
     from dasam3.integrations.sam3 import adapt_sam3
-    from dasam3.layers import mark_trainable
 
     config = Sam3Config()
     config.vision_config.backbone_config.image_size = image_size
     model = Sam3Model(config)
+    encoders = {"frozen-forward": model.detr_encoder}
+    for name, options in ADAPTATIONS.items():
+        model.detr_encoder = copy.deepcopy(encoders["frozen-forward"])
+        adapt_sam3(model, **options)
+        encoders[name] = model.detr_encoder
+    return model.to(device).train(), {name: e.to(device).train() for name, e in encoders.items()}
+
+
+def use(model, encoders: dict, contender: str) -> list[torch.nn.Parameter]:
+    """Put `contender`'s fusion encoder in the model and mark what it trains; returns those parameters."""
+    from dasam3.layers import mark_trainable
+
+    model.detr_encoder = encoders[contender]
     if contender in ADAPTATIONS:
-        adapt_sam3(model, **ADAPTATIONS[contender])
         mark_trainable(model, "warmup")
     else:
         model.requires_grad_(False)
-    return model.to(device).train()
+    return [p for p in model.parameters() if p.requires_grad]
 
 
-def inputs(batch: int, image_size: int, device: torch.device) -> dict[str, torch.Tensor]:
+def inputs(batch: int, image_size: int, vocab_size: int, device: torch.device) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     mask = torch.ones(batch, PROMPT_LENGTH, dtype=torch.long)
     mask[:, 6:] = 0  # a short prompt padded to 32 tokens, as Sam3Processor pads
     return {"pixel_values": torch.rand(batch, 3, image_size, image_size, generator=generator).to(device),
-            "input_ids": torch.randint(1, 49000, (batch, PROMPT_LENGTH), generator=generator).to(device),
+            "input_ids": torch.randint(1, vocab_size, (batch, PROMPT_LENGTH), generator=generator).to(device),
             "attention_mask": mask.to(device)}
 
 
@@ -96,55 +111,61 @@ def _status_bytes(field: str) -> int:
     return int(line.split()[1]) * 1024
 
 
-def measure(contender: str, image_size: int, batch: int, steps: int, device: torch.device) -> dict:
-    """Run in a child process: build, one warm-up step, `steps` timed steps with their peak memory."""
+def measure(image_size: int, batch: int, steps: int, device: torch.device) -> dict[str, dict]:
+    """Build once, warm each contender up, then `steps` rounds of one timed step per contender."""
     from dasam3.layers import aux_loss
     from dasam3.losses import segmentation_loss
 
     torch.manual_seed(0)
     started = time.perf_counter()
-    model = build(image_size, contender, device)
+    model, encoders = build(image_size, device)
     build_seconds = time.perf_counter() - started
-    batch_inputs = inputs(batch, image_size, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.1) if params else None
+    batch_inputs = inputs(batch, image_size, model.config.text_config.vocab_size, device)
+    optimizers = {c: torch.optim.AdamW(use(model, encoders, c), lr=5e-4, weight_decay=0.1) for c in ADAPTATIONS}
 
-    def step():
-        if optimizer is None:
+    def step(contender: str) -> None:  # with the contender's encoder in place
+        if contender not in optimizers:
             with torch.no_grad():
-                return model(**batch_inputs).semantic_seg
+                model(**batch_inputs)
+            return
         logits = model(**batch_inputs).semantic_seg
         targets = (torch.rand(logits.shape, generator=torch.Generator().manual_seed(1)) > 0.5).float().to(device)
         loss = segmentation_loss(logits, targets) + aux_loss(model)
-        optimizer.zero_grad(set_to_none=True)
+        optimizers[contender].zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        return logits
+        optimizers[contender].step()
 
-    step()  # warm-up
-    seconds, peaks, extras = [], [], []
+    rows = {c: {"contender": c, "step_seconds": [], "peaks": [], "extras": []} for c in CONTENDERS}
+    for contender in CONTENDERS:
+        use(model, encoders, contender)
+        step(contender)  # warm-up
     for _ in range(steps):
-        with PeakMemory(device) as memory:
-            begun = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds.append(time.perf_counter() - begun)
-        peaks.append(memory.peak)
-        extras.append(memory.extra)
-    return {"contender": contender, "build_seconds": build_seconds, "step_seconds": seconds,
-            "median_seconds": statistics.median(seconds), "peak_bytes": max(peaks), "peak_extra_bytes": max(extras),
-            "trainable_parameters": sum(p.numel() for p in params),
-            "parameters": sum(p.numel() for p in model.parameters())}
+        for contender in CONTENDERS:
+            use(model, encoders, contender)
+            with PeakMemory(device) as memory:
+                begun = time.perf_counter()
+                step(contender)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                rows[contender]["step_seconds"].append(time.perf_counter() - begun)
+            rows[contender]["peaks"].append(memory.peak)
+            rows[contender]["extras"].append(memory.extra)
+            print(f"{contender:>15}: {rows[contender]['step_seconds'][-1]:7.2f} s", file=sys.stderr, flush=True)
+    for contender, row in rows.items():
+        row.update(median_seconds=statistics.median(row["step_seconds"]), peak_bytes=max(row.pop("peaks")),
+                   peak_extra_bytes=max(row.pop("extras")),
+                   trainable_parameters=sum(p.numel() for p in use(model, encoders, contender)),
+                   build_seconds=build_seconds)
+    return rows
 
 
-def run_child(contender: str, args: argparse.Namespace) -> dict:
+def run_child(args: argparse.Namespace) -> dict[str, dict]:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", contender, "--device", args.device,
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", "--device", args.device,
                "--image-size", str(args.image_size), "--batch", str(args.batch), "--steps", str(args.steps)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"{contender} failed:\n{done.stderr[-4000:]}")
+        raise RuntimeError(f"the measuring process failed (rc {done.returncode})")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -162,24 +183,22 @@ def main() -> int:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--image-size", type=int, default=None, help="default: 336 on the CPU, 1008 on a GPU")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per contender (after one warm-up)")
+    parser.add_argument("--steps", type=int, default=3, help="timed rounds (one step per contender each)")
     parser.add_argument("--out", type=Path, default=None, help="write the result JSON here")
-    parser.add_argument("--child", choices=CONTENDERS, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.image_size = args.image_size or (1008 if args.device == "cuda" else 336)
     device = torch.device(args.device)
     if args.child:
-        print(json.dumps(measure(args.child, args.image_size, args.batch, args.steps, device)))
+        print(json.dumps(measure(args.image_size, args.batch, args.steps, device)))
         return 0
     from dasam3.benchmark import hardware_name
 
     load_before = os.getloadavg()
-    rows = {}
-    for contender in CONTENDERS:
-        rows[contender] = run_child(contender, args)
-        print(f"{contender:>15}: {rows[contender]['median_seconds']:7.2f} s/step, peak "
-              f"{rows[contender]['peak_bytes'] / 2**30:5.2f} GiB (+{rows[contender]['peak_extra_bytes'] / 2**30:.2f} "
-              f"over the resident model)", flush=True)
+    rows = run_child(args)
+    for contender, row in rows.items():
+        print(f"{contender:>15}: {row['median_seconds']:7.2f} s/step, peak {row['peak_bytes'] / 2**30:5.2f} GiB "
+              f"(+{row['peak_extra_bytes'] / 2**30:.2f} over the resident model)")
     result = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
               "device": args.device, "hardware": hardware_name(device), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "image_size": args.image_size, "batch": args.batch, "steps": args.steps,

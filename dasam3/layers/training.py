@@ -78,7 +78,8 @@ class FrozenTowerHooks:
 
     def attach(self, module: nn.Module) -> None:
         module.register_forward_pre_hook(self.before, with_kwargs=True)
-        module.register_forward_hook(self.after, always_call=True)
+        # prepended: hooks attached later restore first, so nested attachments unwind in order
+        module.register_forward_hook(self.after, always_call=True, prepend=True)
 
     def before(self, module, args, kwargs):
         self._modes.append(torch.is_grad_enabled())

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from dasam3.adapters import load_adapter, read_adapter, save_adapter
+from dasam3.layers.training import FrozenTowerHooks
 from dasam3.layers import (ConceptContext, DAMoE, fusion_modules, mark_fusion_module, mark_trainable, param_report,
                            patch_ffn)
 
@@ -184,3 +185,21 @@ def test_peft_lora_and_da_moe_train_side_by_side(tmp_path):
         assert (restored(x) - expected).abs().max() > 1e-3
         load_adapter(restored, tmp_path / "damoe.safetensors")
         torch.testing.assert_close(restored(x), expected, rtol=0, atol=0)
+
+
+def test_frozen_tower_hooks_run_without_autograd_and_restore_the_mode_when_nested():
+    tower = nn.Sequential(nn.Linear(4, 4)).requires_grad_(False)
+    seen = []
+    tower.register_forward_pre_hook(lambda m, args: seen.append(torch.is_grad_enabled()))  # before ours: grad on
+    FrozenTowerHooks().attach(tower)
+    FrozenTowerHooks().attach(tower)  # e.g. two adaptations of one model
+    tower[0].register_forward_hook(lambda m, args, out: seen.append(torch.is_grad_enabled()))  # inside the tower
+    out = tower(torch.randn(2, 4))
+    assert seen == [True, False] and torch.is_grad_enabled() and out.grad_fn is None
+    x = torch.randn(2, 4, requires_grad=True)  # an input that needs its gradient keeps autograd
+    assert tower(x).grad_fn is not None and torch.is_grad_enabled()
+    tower[0].weight.requires_grad_(True)  # so does a tower that trains
+    assert tower(torch.randn(2, 4)).grad_fn is not None
+    with pytest.raises(RuntimeError):
+        tower(torch.randn(2, 3))  # a failing call restores the mode too
+    assert torch.is_grad_enabled()
