@@ -33,7 +33,9 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from sam3_step import provenance, write_result  # noqa: E402
 
 FULL = {"sam3_image_size": 336, "image_size": 64, "batch_size": 2, "warmup_steps": 3, "calibrate_steps": 1,
         "cache_epochs": 3}
@@ -172,20 +174,13 @@ def main() -> int:
     parser.add_argument("--toy", action="store_true", help="toy-width SAM3 (seconds) instead of the full size")
     parser.add_argument("--out", type=Path, default=None, help="write the result JSON here")
     args = parser.parse_args()
-    from dasam3.benchmark import hardware_name
-
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="dasam3-sam3-e2e-") as workdir:
         result = run(Path(workdir), args.toy)
-    result.update({"command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-                   "hardware": hardware_name("cpu"), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                   "load_average_before": load_before, "load_average_after": os.getloadavg()})
+    result.update(provenance(torch.device("cpu"), load_before))
     print(json.dumps(result, indent=2))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, args.out)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,10 +15,11 @@ grid sizes (and, for transformers, the prompt's padding mask, which its layers o
 bias) are read by a pre-hook on the fusion encoder.
 
 Training scope (SPEC section 3): the fusion encoder is marked as the fusion module, so
-`mark_trainable(model, "warmup")` trains its LayerNorms and no encoder tower's; and the image and text
-towers (transformers' `vision_encoder`/`text_encoder`, Meta's `backbone.vision_backbone`/
-`backbone.language_backbone`) run without autograd whenever nothing in them trains, so no activation of
-theirs is kept for a backward that never enters them.
+`mark_trainable(model, "warmup")` trains its LayerNorms and no encoder tower's.  A tower in which nothing
+requires grad builds no autograd graph (no activation of its kept, no backward into it); hooks on the
+image and text towers (transformers' `vision_encoder`/`text_encoder`, Meta's `backbone.vision_backbone`/
+`backbone.language_backbone`) also run them under `no_grad` while nothing in them trains (Meta's
+backbone calls its towers' `forward` directly, past the hooks: there the frozen parameters alone do it).
 """
 
 from __future__ import annotations
