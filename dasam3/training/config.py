@@ -102,7 +102,7 @@ class TrainConfig:
         if self.cache_features and self.augment:
             raise ValueError("cache_features needs augment: false: augmentation runs on the images before the "
                              "frozen encoder, so features computed once would not match the augmented images "
-                             "(got cache_features: true with augment: true)")
+                             f"(got cache_features: {self.cache_features!r} with augment: true)")
 
     @property
     def total_steps(self) -> int:
