@@ -77,8 +77,7 @@ class FeatureCache:
         cached = [self._get(key) for key in keys]
         if all(entry is not None for entry in cached):
             self.hits += len(keys)
-            return [torch.stack([entry[level] for entry in cached]).to(images.device)
-                    for level in range(len(cached[0]))]
+            return [_batch([entry[level] for entry in cached]).to(images.device) for level in range(len(cached[0]))]
         self.misses += sum(entry is None for entry in cached)
         with torch.no_grad():
             features = list(encoder(images))
@@ -125,7 +124,7 @@ class FeatureCache:
         from safetensors.torch import load_file
 
         stored = load_file(str(path))
-        entry = [stored[f"level{i}"] for i in range(len(stored))]
+        entry = [_as_encoded(stored[f"level{i}"], stored[f"channels_last{i}"]) for i in range(len(stored) // 2)]
         self._remember(key, entry)
         return entry
 
@@ -139,7 +138,9 @@ class FeatureCache:
 
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_output(path) as temporary:
-            save_file({f"level{i}": t.contiguous() for i, t in enumerate(entry)}, str(temporary))
+            tensors = {f"level{i}": t.contiguous() for i, t in enumerate(entry)}
+            tensors |= {f"channels_last{i}": torch.tensor(_channels_last(t)) for i, t in enumerate(entry)}
+            save_file(tensors, str(temporary))
         self._disk_used += path.stat().st_size
 
     def _remember(self, key: str, entry: list[torch.Tensor]) -> None:
@@ -159,6 +160,23 @@ class FeatureCache:
         if self.directory is None or not self.directory.is_dir():
             return 0
         return sum(p.stat().st_size for p in self.directory.glob("*.safetensors"))
+
+
+def _channels_last(feature: torch.Tensor) -> bool:
+    """Whether one image's feature map [C, H, W] is laid out channels-last (as SAM3's FPN gives it)."""
+    return feature.dim() == 3 and feature.shape[0] > 1 and feature.stride(0) == 1
+
+
+def _as_encoded(feature: torch.Tensor, channels_last: torch.Tensor) -> torch.Tensor:
+    return feature.permute(1, 2, 0).contiguous().permute(2, 0, 1) if bool(channels_last) else feature
+
+
+def _batch(features: list[torch.Tensor]) -> torch.Tensor:
+    """Stack per-image features in the memory layout the encoder gave them: the same values in another
+    layout would make the next convolutions round differently, so cached training would drift from
+    uncached training by float rounding."""
+    batch = torch.stack(features)
+    return batch.contiguous(memory_format=torch.channels_last) if _channels_last(features[0]) else batch
 
 
 def _nbytes(entry: list[torch.Tensor]) -> int:
