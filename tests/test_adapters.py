@@ -23,7 +23,7 @@ def _trained(base, **upcycle):
     model = copy.deepcopy(base).upcycle(**upcycle)
     _randomise(model)
     with torch.no_grad():
-        for module in model.modules():
+        for module in model.decoder.modules():  # the fusion decoder's norms train (and go in the adapter)
             if isinstance(module, nn.LayerNorm):
                 module.weight.add_(0.2)
     return model

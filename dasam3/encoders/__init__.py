@@ -30,8 +30,7 @@ def _sam3_towers(config):
     image_options = config.image_encoder_options if config.image_encoder == "sam3" else None
     text_options = config.text_encoder_options if config.text_encoder == "sam3" else None
     shared = image_options is not None and text_options is not None and \
-        {k: v for k, v in image_options.items() if k != "tokenizer"} == \
-        {k: v for k, v in text_options.items() if k != "tokenizer"}
+        _source(image_options) == _source(text_options)
     if shared:
         return {"both": load_sam3_towers(image_options, vision=True, text=True)}
     towers = {}
@@ -40,6 +39,11 @@ def _sam3_towers(config):
     if text_options is not None:
         towers["text"] = load_sam3_towers(text_options, vision=False, text=True)
     return towers
+
+
+def _source(options: dict) -> dict:
+    """Where sam3 towers come from (one load serves both towers when it is the same for both)."""
+    return {k: v for k, v in options.items() if k not in ("tokenizer", "image_size")}
 
 
 def _image_encoder(config, towers) -> ImageEncoder:

@@ -17,9 +17,8 @@ class ImageLayerNorm(nn.GroupNorm):
     (GroupNorm with one group computes exactly this.)  Not BatchNorm: no running statistics to drift
     while the encoder is frozen but the model trains, no dependence on small batches.  Not a per-pixel
     LayerNorm over channels: that is blind to a pixel's scale and would normalise an MRI intensity away
-    at the first layer.  Being a LayerNorm, the "warmup" stage trains its affine parameters, as it does
-    the LayerNorms of a SAM3 image encoder; on MNI152 slices this lets the DA-MoE stage re-threshold
-    the fine features (gray matter is an intensity band) and was worth ~0.1 DSC on white matter.
+    at the first layer.  It trains with the encoder ("pretrain"); the paper's stages keep the encoder,
+    norms included, entirely frozen (only the fusion decoder's LayerNorms train in "warmup").
     """
 
     def __init__(self, num_channels: int):

@@ -2,6 +2,8 @@
 
 The towers come from a local `Sam3Model.from_pretrained` directory (the weights are gated on the hub:
 users download them themselves) or, randomly initialised, from a `Sam3Config` dict (tests, toy runs).
+Option "image_size" sets the ViT's input resolution (SAM3's is 1008; its weights do not depend on it,
+so e.g. 336 runs the same checkpoint 9x cheaper).  Both towers stay frozen: no stage trains them.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from torch import nn
 
 from dasam3._common import masked_mean
 
-from .base import ImageEncoder, TextEncoder
+from .base import CachedTextEncoder, ImageEncoder
 
 _SAM3_MEAN, _SAM3_STD = 0.5, 0.5  # Sam3ImageProcessor's normalisation (IMAGENET_STANDARD_*)
 _PROMPT_LENGTH = 32  # Sam3Processor pads text prompts to 32 tokens
@@ -43,11 +45,12 @@ def load_sam3_towers(options: dict[str, Any], *, vision: bool, text: bool) -> Sa
     transformers = _transformers()
     if "pretrained" in options:
         path = str(options["pretrained"])
-        model = transformers.Sam3Model.from_pretrained(path, local_files_only=True)
+        config = _with_image_size(transformers.Sam3Config.from_pretrained(path, local_files_only=True), options)
+        model = transformers.Sam3Model.from_pretrained(path, config=config, local_files_only=True)
         return Sam3Towers(model.vision_encoder if vision else None, model.text_encoder if text else None,
                           model.text_projection if text else None, path, model.config.text_config)
     if "config" in options:
-        config = transformers.Sam3Config.from_dict(dict(options["config"]))
+        config = _with_image_size(transformers.Sam3Config.from_dict(dict(options["config"])), options)
         from transformers.models.clip.modeling_clip import CLIPTextModelWithProjection
         from transformers.models.sam3.modeling_sam3 import Sam3VisionModel
 
@@ -58,6 +61,15 @@ def load_sam3_towers(options: dict[str, Any], *, vision: bool, text: bool) -> Sa
             None, config.text_config)
     raise ValueError(f"sam3 encoder options need 'pretrained' (a local Sam3Model directory) or 'config' "
                      f"(a Sam3Config dict), got keys {sorted(options)}")
+
+
+def _with_image_size(config, options: dict[str, Any]):
+    if "image_size" in options:
+        size, patch = int(options["image_size"]), _pair(config.vision_config.backbone_config.patch_size)[0]
+        if size < patch or size % patch:
+            raise ValueError(f"sam3 image_size must be a positive multiple of the patch size {patch}, got {size}")
+        config.vision_config.backbone_config.image_size = size
+    return config
 
 
 def _frozen(module: nn.Module) -> nn.Module:
@@ -96,10 +108,10 @@ class Sam3ImageEncoder(ImageEncoder):
         return list(outputs.fpn_hidden_states[:-1])  # SAM3 drops the coarsest (stride 2·patch) level too
 
 
-class Sam3TextEncoder(TextEncoder):
+class Sam3TextEncoder(CachedTextEncoder):
     """Sam3Model's CLIP text tower and its projection to the DETR width, frozen; masked mean over the prompt.
 
-    Not cached: its LayerNorms may train (mark_trainable's "warmup"), so embeddings can change.
+    Cached per concept string: no stage trains the text tower (SPEC section 3), so its embeddings are fixed.
     """
 
     def __init__(self, text_model: nn.Module, projection: nn.Linear,
@@ -112,8 +124,9 @@ class Sam3TextEncoder(TextEncoder):
         self.pretrained_source = pretrained_source
         self.dim = projection.out_features
 
-    def forward(self, concepts: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
+    def _compute(self, concepts: list[str]) -> torch.Tensor:
         ids, mask = self.tokenizer(concepts)
+        device = self.projection.weight.device
         ids, mask = ids.to(device), mask.to(device)
         hidden = self.projection(self.text(input_ids=ids, attention_mask=mask).last_hidden_state)
         return masked_mean(hidden, mask)

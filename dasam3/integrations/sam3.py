@@ -13,6 +13,13 @@ cross-attends to; a forward hook clears it when the layer returns.  So a context
 call, and activation checkpointing (which Meta's encoder uses in training) recomputes the same one.  The
 grid sizes (and, for transformers, the prompt's padding mask, which its layers only see as an attention
 bias) are read by a pre-hook on the fusion encoder.
+
+Training scope (SPEC section 3): the fusion encoder is marked as the fusion module, so
+`mark_trainable(model, "warmup")` trains its LayerNorms and no encoder tower's.  A tower in which nothing
+requires grad builds no autograd graph (no activation of its kept, no backward into it); hooks on the
+image and text towers (transformers' `vision_encoder`/`text_encoder`, Meta's `backbone.vision_backbone`/
+`backbone.language_backbone`) also run them under `no_grad` while nothing in them trains (Meta's
+backbone calls its towers' `forward` directly, past the hooks: there the frozen parameters alone do it).
 """
 
 from __future__ import annotations
@@ -29,6 +36,10 @@ from dasam3._common import factory_of, masked_mean
 from dasam3.layers.context import ConceptContext
 from dasam3.layers.damoe import DAMoE, resolve_use_context
 from dasam3.layers.patch import ContextSlot, patch_ffn, select_layers
+from dasam3.layers.training import FrozenTowerHooks, mark_fusion_module
+
+# The frozen towers of the two implementations, by attribute path from the model.
+_TOWERS = ("vision_encoder", "text_encoder", "backbone.vision_backbone", "backbone.language_backbone")
 
 
 def adapt_sam3(model: nn.Module, num_experts: int = 4, top_k: int = 2, rank: int = 8,
@@ -41,7 +52,8 @@ def adapt_sam3(model: nn.Module, num_experts: int = 4, top_k: int = 2, rank: int
     {ceil(L/6), ceil(L/4), ceil(L/2)}: the first three of SAM3's six), "all", or 0-based indices.
     use_context: whether the routers see the concept context (default: yes for router="learned", no for
     router="random", which ignores it).  damoe_kwargs: alpha, router, expert_type, adapt, backend.
-    At initialisation the model computes exactly what it computed before.  Returns `model`.
+    At initialisation the model computes exactly what it computed before.  The fusion encoder becomes the
+    model's fusion module (`mark_trainable`) and the towers run without autograd while frozen.  Returns `model`.
     """
     fusion = _find_fusion_encoder(model)
     use_context = resolve_use_context(use_context, damoe_kwargs.get("router", "learned"))
@@ -61,7 +73,21 @@ def adapt_sam3(model: nn.Module, num_experts: int = 4, top_k: int = 2, rank: int
     if use_context:
         fusion.encoder.register_forward_pre_hook(fusion.watch.before, with_kwargs=True)
         fusion.encoder.register_forward_hook(fusion.watch.after, always_call=True)
+    mark_fusion_module(fusion.encoder)
+    for tower in _towers(model):
+        FrozenTowerHooks().attach(tower)
     return model
+
+
+def _towers(model: nn.Module) -> list[nn.Module]:
+    """The image and text towers of a SAM3 model (none when given the fusion encoder alone)."""
+    towers = []
+    for path in _TOWERS:
+        try:
+            towers.append(model.get_submodule(path))
+        except AttributeError:
+            continue
+    return towers
 
 
 # -- the two SAM3 implementations ----------------------------------------------------------------------

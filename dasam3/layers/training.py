@@ -30,9 +30,78 @@ def aux_loss(model: nn.Module, balance: float = 0.01, sparse: float = 0.001) -> 
     return torch.zeros((), device=None if param is None else param.device)
 
 
+FUSION_MARK = "dasam3_fusion_module"  # a module with this attribute True is a fusion module (see fusion_modules)
+
+
 def _is_layer_norm(module: nn.Module) -> bool:
     # nn.LayerNorm and the LayerNorm variants of transformers, timm and segment-anything (LayerNorm2d)
     return isinstance(module, nn.LayerNorm) or "LayerNorm" in type(module).__name__
+
+
+def mark_fusion_module(module: nn.Module) -> nn.Module:
+    """Declare `module` a fusion module: "warmup" trains its LayerNorms (and no other model's).  Returns it.
+
+    `adapt_sam3` marks SAM3's fusion encoder; DASAM3's fusion decoder is marked by its class.
+    """
+    setattr(module, FUSION_MARK, True)
+    return module
+
+
+def fusion_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules whose LayerNorms "warmup" trains: the marked fusion modules (DASAM3's fusion decoder, an
+    adapted SAM3's fusion encoder); in a model without one, the blocks holding DA-MoE layers (each DAMoE
+    layer's parent module: the transformer layer or block whose FFN it replaced)."""
+    marked = [m for m in model.modules() if getattr(m, FUSION_MARK, False) is True]
+    if marked:
+        return marked
+    named = dict(model.named_modules())
+    parents = {name.rpartition(".")[0] for name, m in named.items() if isinstance(m, DAMoE)}  # a root DAMoE: itself
+    return [named[name] for name in sorted(parents)]
+
+
+def needs_autograd(module: nn.Module, *inputs) -> bool:
+    """Whether autograd must record a call of `module` on `inputs`: grad mode is on and a parameter of the
+    module trains or an input tensor requires grad.  A frozen tower run with this False keeps no
+    activations and no backward enters it; its outputs are the same."""
+    if not torch.is_grad_enabled():
+        return False
+    return any(p.requires_grad for p in module.parameters()) or \
+        any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs)
+
+
+class FrozenTowerHooks:
+    """Forward hooks that run a module without autograd whenever `needs_autograd` says it may (for towers
+    called inside a model's own forward, e.g. Sam3Model's vision and text encoders)."""
+
+    def __init__(self):
+        self._modes: list[bool] = []
+
+    def attach(self, module: nn.Module) -> None:
+        module.register_forward_pre_hook(self.before, with_kwargs=True)
+        # prepended: hooks attached later restore first, so nested attachments unwind in order
+        module.register_forward_hook(self.after, always_call=True, prepend=True)
+
+    def before(self, module, args, kwargs):
+        self._modes.append(torch.is_grad_enabled())
+        torch.set_grad_enabled(needs_autograd(module, *args, *kwargs.values()))
+
+    def after(self, module, args, output):
+        torch.set_grad_enabled(self._modes.pop())
+
+
+def other_adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of other libraries' adapters, whose trainability `mark_trainable` leaves alone.
+
+    PEFT's tuner layers (LoRA, ...) list their adapter sub-modules in `adapter_layer_names`; their
+    frozen base layers are not adapters and are frozen like the rest of the model.
+    """
+    params: list[nn.Parameter] = []
+    for module in model.modules():
+        for name in getattr(module, "adapter_layer_names", ()) or ():
+            adapter = getattr(module, name, None)
+            if isinstance(adapter, (nn.Module, nn.ParameterDict)):
+                params += adapter.parameters()
+    return params
 
 
 def trainable_parameters(model: nn.Module, stage: str) -> list[nn.Parameter]:
@@ -48,18 +117,22 @@ def trainable_parameters(model: nn.Module, stage: str) -> list[nn.Parameter]:
             concat += module.parameters()
         elif stage == "warmup" and isinstance(module, DAMoE):
             params += module.expert_parameters()
-        elif stage == "warmup" and _is_layer_norm(module):
-            params += module.parameters(recurse=False)
+    if stage == "warmup":
+        params += [p for fusion in fusion_modules(model) for m in fusion.modules() if _is_layer_norm(m)
+                   for p in m.parameters(recurse=False)]
     # The Concat projections come last: this order fixes the optimizer state's indices and the grad-norm sum.
     return list({id(p): p for p in params + concat}.values())
 
 
-def freeze_all_but(model: nn.Module, params: Iterable[nn.Parameter]) -> int:
+def freeze_all_but(model: nn.Module, params: Iterable[nn.Parameter], *,
+                   leave: Iterable[nn.Parameter] = ()) -> int:
     """Set requires_grad on exactly those of the model's parameters that are in `params`, clear it on the
-    rest; return the trainable parameter count (elements, each shared parameter once)."""
+    rest but `leave` (untouched); return the trainable parameter count (elements, each shared parameter once)."""
     keep = {id(p) for p in params}
+    untouched = {id(p) for p in leave} - keep
     for param in model.parameters():
-        param.requires_grad_(id(param) in keep)
+        if id(param) not in untouched:
+            param.requires_grad_(id(param) in keep)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -67,10 +140,13 @@ def mark_trainable(model: nn.Module, stage: str) -> int:
     """Freeze everything but what the paper trains in `stage`; return the trainable parameter count.
 
     "warmup": the lora factors (or full experts), the routers, the ConceptContext modules and the
-    LayerNorm parameters.  "calibrate": the routers and the ConceptContext modules only.  In both, the
-    "Concat" baseline's ConceptConcat projections (its analogue of the routers).
+    LayerNorm parameters of the fusion module only (`fusion_modules`: DASAM3's fusion decoder, an adapted
+    SAM3's fusion encoder, else the blocks holding DA-MoE layers): the image and text encoders stay
+    entirely frozen.  "calibrate": the routers and the ConceptContext modules only.  In both, the
+    "Concat" baseline's ConceptConcat projections (its analogue of the routers).  Other adapters'
+    parameters (PEFT's LoRA factors) keep their requires_grad, so DA-MoE and PEFT train side by side.
     """
-    return freeze_all_but(model, trainable_parameters(model, stage))
+    return freeze_all_but(model, trainable_parameters(model, stage), leave=other_adapter_parameters(model))
 
 
 @dataclass(frozen=True)

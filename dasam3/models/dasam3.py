@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from dasam3._common import factory_of
 from dasam3.encoders import build_encoders
+from dasam3.encoders.cache import FeatureCache
 from dasam3.io import atomic_output, check_weights_fit, load_config, load_safetensors, write_text
 from dasam3.layers.context import ConceptConcat, ConceptContext
 from dasam3.layers.damoe import DAMoE
 from dasam3.layers.patch import select_layers
-from dasam3.layers.training import mark_trainable, trainable_parameters
+from dasam3.layers.training import mark_trainable, needs_autograd, trainable_parameters
 
 from .config import DASAM3Config, MoEConfig, known_fields
 from .decoder import HierarchicalFusionDecoder, MaskHead
@@ -41,6 +43,8 @@ class DASAM3(nn.Module):
 
     concepts: K strings (the same for every image), embeddings [B, Dt] (K = 1) or [B, K, Dt], or None
     for `config.concepts`.  Logit k of a pixel says whether it shows concept k (sigmoid, per concept).
+    The encoders run without autograd whenever nothing in them trains (SPEC section 3: no backward
+    through a frozen tower); the fusion decoder is the model's fusion module (`mark_trainable`).
     """
 
     def __init__(self, config: DASAM3Config):
@@ -54,6 +58,7 @@ class DASAM3(nn.Module):
             channels, grid, self.text_encoder.dim, config.d_model, config.num_layers, config.num_heads,
             config.d_ff, config.activation, config.dropout, config.memory_levels)
         self.mask_head = MaskHead(channels, config.d_model, config.mask_dim)
+        self._feature_cache: FeatureCache | None = None  # set by image_feature_cache(), never saved
         if config.moe is not None:
             self._install_moe(config.moe)
         if config.concat_layers is not None:
@@ -68,10 +73,29 @@ class DASAM3(nn.Module):
     def forward(self, images: torch.Tensor, concepts: Concepts = None) -> torch.Tensor:
         self._check_images(images)
         embeddings = self.encode_concepts(concepts, images.shape[0], images.device)
-        features = self.image_encoder(images)
+        features = self.encode_images(images)
         decoded, query = self.decoder(features, embeddings.to(features[-1].dtype))
         logits = self.mask_head(decoded, query, features, tuple(images.shape[-2:]))
         return logits.reshape(images.shape[0], embeddings.shape[1], *images.shape[-2:])
+
+    def encode_images(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The image encoder's levels [B, c_i, h_i, w_i]; without autograd when nothing in the encoder
+        trains (and images need no gradient), and then from the feature cache when one is active."""
+        if needs_autograd(self.image_encoder, images):
+            return self.image_encoder(images)
+        if self._feature_cache is not None:
+            return self._feature_cache.encode(self.image_encoder, images)
+        with torch.no_grad():
+            return self.image_encoder(images)
+
+    @contextlib.contextmanager
+    def image_feature_cache(self, cache: FeatureCache | None) -> Iterator[None]:
+        """Within the block, frozen image features come from `cache` (None: no caching)."""
+        previous, self._feature_cache = self._feature_cache, cache
+        try:
+            yield
+        finally:
+            self._feature_cache = previous
 
     @torch.no_grad()
     def predict_labels(self, images: torch.Tensor, concepts: Concepts = None, threshold: float = 0.5) -> torch.Tensor:
@@ -185,8 +209,8 @@ class DASAM3(nn.Module):
         """Write `config.json` and `model.safetensors` to `directory` (atomically, file by file).
 
         The checkpoint holds every weight except those of encoders loaded from a local pretrained
-        directory (recorded in the config by path), whose LayerNorms are kept since training may change
-        them.  Existing checkpoint files are only replaced with overwrite=True.
+        directory (recorded in the config by path; no stage trains them, and a tensor of theirs that
+        trains would be kept).  Existing checkpoint files are only replaced with overwrite=True.
         """
         from safetensors.torch import save_file
 

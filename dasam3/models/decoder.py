@@ -82,7 +82,10 @@ class HierarchicalFusionDecoder(nn.Module):
     S_tok: a learnable segmentation query; P: learnable positions (V's interpolated to other grids).
     memory: the encoder levels `memory_levels` (finer ones average-pooled to the token grid), projected
     to d, with sine positions and a level embedding.
+    It is DA-SAM3's fusion module: mark_trainable's "warmup" trains its LayerNorms (no encoder's).
     """
+
+    dasam3_fusion_module = True  # dasam3.layers.training.FUSION_MARK
 
     def __init__(self, encoder_channels: list[int], grid: tuple[int, int], text_dim: int, d_model: int,
                  num_layers: int, num_heads: int, d_ff: int, activation: str, dropout: float,

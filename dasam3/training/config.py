@@ -74,9 +74,12 @@ class TrainConfig:
     num_workers: int = 0
     device: str = "auto"
     val_cases: int = 0  # without a "val" split: hold out this many training cases to validate on
+    # Frozen image features computed once per training image (dasam3.encoders.cache): true (4 GiB in memory)
+    # or {memory_gb, disk_gb}; needs augment: false (augmentation changes the images before the encoder).
+    cache_features: bool | dict[str, float] = False
 
     # Options that may differ on --resume without changing what is trained (see `resume_differences`).
-    RUNTIME_OPTIONS = ("device", "num_workers")
+    RUNTIME_OPTIONS = ("device", "num_workers", "cache_features")
 
     def __post_init__(self):
         self.stages = [s if isinstance(s, StageConfig) else _stage(s, index) for index, s in enumerate(self.stages)]
@@ -96,6 +99,10 @@ class TrainConfig:
         if self.image_size is not None and self.image_size < 1:
             raise ValueError(f"image_size must be >= 1 (or null for the dataset's default), got {self.image_size}")
         _check_device(self.device)
+        if self.cache_features and self.augment:
+            raise ValueError("cache_features needs augment: false: augmentation runs on the images before the "
+                             "frozen encoder, so features computed once would not match the augmented images "
+                             f"(got cache_features: {self.cache_features!r} with augment: true)")
 
     @property
     def total_steps(self) -> int:

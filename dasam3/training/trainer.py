@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from dasam3.data import SliceDataset, collate_slices
 from dasam3._common import check_fields
+from dasam3.encoders.cache import FeatureCache
 from dasam3.io import atomic_output, create_new_text, read_json, write_text
 from dasam3.layers import aux_loss, freeze_all_but
 from dasam3.losses import segmentation_loss
@@ -117,6 +118,8 @@ class Trainer:
         self.step_seconds: list[float] = []  # compute time of each optimizer step this process ran
         self._board = None  # TensorBoard writer (rank 0, when tensorboard is installed)
         self._check_stages()
+        self.feature_cache = None if not config.cache_features else \
+            FeatureCache.from_option(config.cache_features, self.out_dir / "feature_cache")
 
     # -- public ----------------------------------------------------------------------------------------
 
@@ -249,7 +252,8 @@ class Trainer:
     def _train_step(self, network, optimizer, scheduler, params, batch, concepts, columns) -> dict[str, float]:
         images = batch["image"].to(self.device, non_blocking=True)
         targets = batch["masks"][:, columns].to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._amp):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._amp), \
+                self.model.image_feature_cache(self.feature_cache):
             logits = network(images, concepts)
             seg = segmentation_loss(logits.float(), targets)
             aux = aux_loss(self.model, self.config.balance, self.config.sparse)

@@ -72,12 +72,13 @@ def test_hierarchical_layer_choice(num_layers):
         assert layer.mlp.context_dim == 2 * 16  # d_model + text_dim
 
 
-def test_trainable_set():
+def test_trainable_set_is_the_fusion_encoder_scope():
     model = adapt_sam3(_toy())
     expected = set()
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
-        if isinstance(module, nn.LayerNorm) or "LayerNorm" in type(module).__name__:
+        in_fusion = name.startswith("detr_encoder.")
+        if in_fusion and (isinstance(module, nn.LayerNorm) or "LayerNorm" in type(module).__name__):
             expected |= {prefix + n for n, _ in module.named_parameters(recurse=False)}
         if isinstance(module, ConceptContext):
             expected |= {prefix + n for n, _ in module.named_parameters()}
@@ -86,10 +87,80 @@ def test_trainable_set():
     count = mark_trainable(model, "warmup")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == expected
+    assert any(".layer_norm" in n for n in trainable if n.startswith("detr_encoder.layers.5."))  # all 6 layers' norms
+    for tower in ("vision_encoder", "text_encoder", "text_projection", "geometry_encoder", "detr_decoder",
+                  "mask_decoder"):
+        assert not any(p.requires_grad for p in getattr(model, tower).parameters()), tower
     assert count == sum(p.numel() for n, p in model.named_parameters() if n in expected)
     mark_trainable(model, "calibrate")
     calibrated = {n for n, p in model.named_parameters() if p.requires_grad}
     assert calibrated == {n for n in expected if ".router." in n or ".concept_context." in n}
+
+
+def _tensors(output):
+    if isinstance(output, torch.Tensor):
+        return [output]
+    items = output.to_tuple() if hasattr(output, "to_tuple") else output if isinstance(output, (tuple, list)) else ()
+    return [t for item in items for t in _tensors(item)]
+
+
+def _graph_leaves(loss: torch.Tensor) -> set[int]:
+    """ids of the leaf tensors the backward of `loss` accumulates into (a walk of its autograd graph)."""
+    leaves, seen, stack = set(), set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            leaves.add(id(node.variable))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return leaves
+
+
+def _step_gradients(model) -> dict[str, torch.Tensor]:
+    model.train()
+    model.zero_grad()
+    model(**_inputs()).semantic_seg.square().mean().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_frozen_towers_run_without_autograd_and_gradients_are_unchanged():
+    model = adapt_sam3(_toy())
+    _randomise(model)
+    mark_trainable(model, "warmup")
+    unoptimised = copy.deepcopy(model).requires_grad_(True)  # autograd through every tower: the plain path
+    seen = {}
+    for tower in ("vision_encoder", "text_encoder"):
+        module = getattr(model, tower)
+        module.register_forward_hook(lambda m, a, out, t=tower: seen.update({t: _tensors(out)}))
+        inner = next(iter(module.children()))  # grad mode as the tower's own layers see it
+        inner.register_forward_hook(lambda m, a, out, t=tower: seen.update({f"{t} grad mode": torch.is_grad_enabled()}))
+    model.train()
+    loss = model(**_inputs()).semantic_seg.square().mean()
+    assert torch.is_grad_enabled()  # restored after the towers ran
+    assert seen["vision_encoder grad mode"] is False and seen["text_encoder grad mode"] is False
+    assert seen["vision_encoder"] and all(t.grad_fn is None and not t.requires_grad
+                                          for tower in ("vision_encoder", "text_encoder") for t in seen[tower])
+    towers = {id(p) for tower in ("vision_encoder", "text_encoder") for p in getattr(model, tower).parameters()}
+    leaves = _graph_leaves(loss)
+    assert leaves and not leaves & towers
+    expected = {n: g for n, g in _step_gradients(unoptimised).items()
+                if model.get_parameter(n).requires_grad}
+    actual = _step_gradients(model)
+    assert set(actual) == set(expected) and len(actual) > 0
+    for name, grad in expected.items():
+        scale = grad.abs().max().clamp_min(1e-6)
+        torch.testing.assert_close(actual[name] / scale, grad / scale, rtol=0, atol=1e-5, msg=name)
+
+
+def test_a_tower_that_trains_keeps_its_autograd():
+    model = adapt_sam3(_toy())
+    mark_trainable(model, "warmup")
+    model.vision_encoder.backbone.layer_norm.requires_grad_(True)  # a user's choice, outside the paper's scope
+    model.train()
+    model(**_inputs()).semantic_seg.square().mean().backward()
+    assert model.vision_encoder.backbone.layer_norm.weight.grad is not None
 
 
 def test_gradients_reach_lora_factors_from_semantic_seg():
@@ -135,7 +206,7 @@ def test_adapter_round_trip(tmp_path):
     trained = adapt_sam3(copy.deepcopy(base), rank=4)
     _randomise(trained)
     with torch.no_grad():
-        for module in trained.modules():
+        for module in trained.detr_encoder.modules():  # the fusion module's norms train, so the adapter holds them
             if isinstance(module, nn.LayerNorm):
                 module.weight.add_(0.1)
     path = save_adapter(trained, tmp_path / "adapter.safetensors")

@@ -136,10 +136,37 @@ def test_training_step_reaches_adapter_tensors():
     for layer in (m for m in model.modules() if isinstance(m, DAMoE)):
         for param in (*layer.expert_parameters(), layer.router.token_proj.weight, layer.router.context_proj.weight):
             assert param.grad is not None and param.grad.abs().sum() > 0
-    convs = [m.weight for m in model.image_encoder.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert convs and all(w.grad is None for w in convs)  # the encoder's convs are frozen
-    norms = [m.weight for m in model.image_encoder.modules() if isinstance(m, ImageLayerNorm)]
-    assert norms and all(w.grad is not None and w.grad.abs().sum() > 0 for w in norms)  # its LayerNorms train
+    assert all(p.grad is None and not p.requires_grad for p in model.image_encoder.parameters())  # entirely frozen
+    assert any(isinstance(m, ImageLayerNorm) for m in model.image_encoder.modules())  # its norms too
+    assert not any(p.requires_grad for p in model.mask_head.parameters())  # outside the fusion module
+    decoder_norms = [m for m in model.decoder.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(decoder_norms) == 3 * 6 + 1 and all(m.weight.grad.abs().sum() > 0 for m in decoder_norms)
+
+
+def test_frozen_image_encoder_runs_without_autograd_and_gradients_are_unchanged():
+    model = DASAM3(_tiny()).upcycle()
+    _randomise(model)
+    model.mark_trainable("warmup")
+    unoptimised = copy.deepcopy(model).requires_grad_(True)  # autograd through the encoder: the plain path
+    seen = {}
+    model.image_encoder.register_forward_hook(lambda m, args, out: seen.update(features=out))
+    model.image_encoder.levels[0].register_forward_hook(lambda m, a, o: seen.update(grad_mode=torch.is_grad_enabled()))
+    model.train()
+    unoptimised.train()
+    loss = model(_images(), ["a", "b"]).sigmoid().mean() + aux_loss(model)
+    assert seen["grad_mode"] is False and all(f.grad_fn is None and not f.requires_grad for f in seen["features"])
+    loss.backward()
+    (unoptimised(_images(), ["a", "b"]).sigmoid().mean() + aux_loss(unoptimised)).backward()
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(model.get_parameter(n).grad is not None for n in trained)
+    for name in trained:
+        expected = unoptimised.get_parameter(name).grad
+        scale = expected.abs().max().clamp_min(1e-6)
+        torch.testing.assert_close(model.get_parameter(name).grad / scale, expected / scale, rtol=0, atol=1e-5,
+                                   msg=name)
+    images = _images().requires_grad_(True)  # a gradient asked of the images keeps the encoder's autograd
+    model(images, ["a"]).sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
 
 
 def test_concat_baseline_trains_its_projection():
@@ -262,7 +289,14 @@ def test_sam3_towers_from_a_pretrained_directory(sam3_config, tmp_path):
 
     with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), "pt") as saved:
         encoder_keys = [k for k in saved.keys() if k.startswith(("image_encoder.", "text_encoder."))]
-    assert encoder_keys and all("norm" in k for k in encoder_keys)  # referenced by path, LayerNorms kept
+    assert not encoder_keys  # both towers are frozen entirely: referenced by path, not copied
     loaded = DASAM3.from_pretrained(tmp_path / "ckpt")
     with torch.no_grad():
         torch.testing.assert_close(loaded(_images(), ["liver"]), model.eval()(_images(), ["liver"]), rtol=0, atol=0)
+    smaller = DASAM3(_tiny(image_encoder="sam3", image_encoder_options={**options, "image_size": 28},
+                           text_encoder="hash"))  # the same weights at a reduced resolution
+    assert smaller.image_encoder.input_size == (28, 28) and smaller.image_encoder.grid_size(SIZE) == (2, 2)
+    torch.testing.assert_close(smaller.image_encoder.vision.state_dict(), sam3.vision_encoder.state_dict())
+    assert smaller(_images(), ["liver"]).shape == (2, 1, SIZE, SIZE)
+    with pytest.raises(ValueError, match="multiple of the patch size 14, got 30"):
+        DASAM3(_tiny(image_encoder="sam3", image_encoder_options={**options, "image_size": 30}, text_encoder="hash"))
