@@ -230,8 +230,7 @@ class _LowRankMoE(torch.autograd.Function):
             grad_A2s.view_as(A2) if A2 is not None and need[9] else None,
             up_grad(_isolated(V, g, _finite_rows(gB2), routed, scale)) if A2 is not None and need[10] else None,
             None, None, None, None,
-            grad_pre_g.t() @ x if Wg is not None and need[15] else None,
-            grad_pre_g.sum(0) if Wg is not None and need[16] else None,
+            *frozen_gate_grads(need[15:17], x, grad_pre_g),
             down_grad(grad_Ug, Ag) if Ag is not None and need[17] else None,
             up_grad(grad_Bgs) if Ag is not None and need[18] else None,
         )
@@ -272,6 +271,17 @@ def frozen_ffn_grads(need: tuple[bool, ...], x: torch.Tensor, grad_y: torch.Tens
         grad_y.t() @ mixed if need[5] else None,
         (grad_y * weights.sum(-1, keepdim=True).to(grad_y.dtype)).sum(0).to(fc2_bias.dtype) if need[6] else None,
     )
+
+
+def frozen_gate_grads(need: tuple[bool, bool], x: torch.Tensor,
+                      grad_pre_g: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of a gated FFN's W_g and b_g for whoever unfreezes them (`need`: for the weight, the bias).
+
+    grad_pre_g: dL/d(x W_gᵀ + b_g) [T, F], or None for a plain FFN (then no gradients).
+    """
+    if grad_pre_g is None:
+        return None, None
+    return grad_pre_g.t() @ x if need[0] else None, grad_pre_g.sum(0) if need[1] else None
 
 
 def lowrank_moe(
