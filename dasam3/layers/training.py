@@ -190,7 +190,7 @@ def param_report(model: nn.Module) -> ParamReport:
     added = full = 0
     for layer in layers:
         router = sum(p.numel() for p in layer.router.parameters())
-        ffn = sum(p.numel() for p in (*layer.fc1.parameters(), *layer.fc2.parameters()))
+        ffn = sum(p.numel() for name in layer.projections for p in getattr(layer, name).parameters())
         added += router + sum(p.numel() for p in layer.expert_parameters())
         full += router + layer.num_experts * ffn
     unique = {id(p): p for p in model.parameters()}.values()

@@ -74,6 +74,16 @@ def test_param_report_counts_by_hand():
     assert "reduction" in report.table()
 
 
+def test_param_report_counts_a_gated_ffn_by_hand():
+    D, F, E, r = 16, 32, 3, 2
+    report = param_report(DAMoE(D, F, num_experts=E, top_k=2, rank=r, gated=True))
+    lora = E * r * (D + F) * 3  # gate, fc1 and fc2 adapted
+    router = E * D + E
+    ffn = 3 * D * F + 2 * F + D  # W_g, W1, W2 and their biases: a full expert copies all three
+    assert report.damoe_added == lora + router
+    assert report.full_experts_added == E * ffn + router
+
+
 def test_reduction_exceeds_95_percent_at_the_sam3_shape():
     report = param_report(DAMoE(256, 2048, num_experts=4, top_k=2, rank=8))
     assert report.reduction > 0.95
