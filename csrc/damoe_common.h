@@ -6,6 +6,8 @@
 //   y_t  = Σ_j p_tj (W2 h_tj + b2 + s B2[e] A2[e] h_tj)
 // evaluated with both W0 products once per token: y_t = W2 m_t + (Σ_j p_tj) b2 + V_t (s B2)ᵀ, where
 // m_t = Σ_j p_tj h_tj and V_t [E·r] holds Σ_j p_tj A2[e] h_tj in expert e's r columns.
+// Gated (a gate_weight W_g given: SwiGLU, GeGLU), with the gate's own optional bias and factors:
+//   g_tj = W_g x_t + b_g + s B_g[e] A_g[e] x_t,  h_tj = act(g_tj) ⊙ z_tj,  and W_g x_t also once per token.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -13,6 +15,7 @@
 #include <array>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 namespace dasam3 {
 
@@ -20,8 +23,11 @@ namespace dasam3 {
 // so the CPU and the CUDA library each only implement them and each loads alone.  fwd returns
 // (y [T, D], pre [T, F] = x W1ᵀ + b1, U [T, E·r] = x A1ᵀ, V [T, E·r]); the last three only when
 // save_for_backward (else empty), U/V only for an adapted projection, U/V in float for half inputs.
-// bwd returns the gradients of (x, weights, fc1_A, fc1_B, fc2_A, fc2_B) and, when need_fc_grads,
-// dL/dpre and m = Σ_j p_j h_j (for the frozen weights' gradients); empty where not computed.
+// Gated, pre is [T, 2F] = [x W1ᵀ + b1 | x W_gᵀ + b_g] and U [T, n·E·r] = x [A1; A_g]ᵀ for the n of fc1 and
+// the gate that are adapted (fc1's columns first).
+// bwd returns the gradients of (x, weights, fc1_A, fc1_B, fc2_A, fc2_B), when need_fc_grads dL/dpre
+// (gated: [T, 2F], the gate's half second) and m = Σ_j p_j h_j (for the frozen weights' gradients), and
+// the gradients of (gate_A, gate_B); empty where not computed.
 
 enum class Activation { kGelu, kGeluTanh, kRelu, kSilu, kQuickGelu };
 
@@ -47,10 +53,16 @@ void with_activation(Activation act, Fn&& fn) {
   }
 }
 
-// Sizes of one call; experts/rank are 0 when neither projection is adapted.
+// Sizes of one call; experts/rank are 0 when no projection is adapted.
 struct MoeSizes {
   int64_t tokens, d_model, d_ff, top_k, experts, rank;
   bool adapt_fc1, adapt_fc2;
+  bool gated = false, adapt_gate = false;
+
+  // Width of a row of pre: the fc1 and (gated) the gate pre-activations side by side.
+  int64_t pre_width() const { return gated ? 2 * d_ff : d_ff; }
+  // Width of a row of U: E·r columns for each of fc1 and the gate that is adapted.
+  int64_t u_width() const { return (int64_t(adapt_fc1) + int64_t(adapt_gate)) * experts * rank; }
 };
 
 inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* name, const char* dims) {
@@ -96,7 +108,11 @@ inline MoeSizes check_inputs(const at::Tensor& x, const at::Tensor& indices, con
                              const at::Tensor& fc1_weight, const c10::optional<at::Tensor>& fc1_bias,
                              const at::Tensor& fc2_weight, const c10::optional<at::Tensor>& fc2_bias,
                              const c10::optional<at::Tensor>& fc1_A, const c10::optional<at::Tensor>& fc1_B,
-                             const c10::optional<at::Tensor>& fc2_A, const c10::optional<at::Tensor>& fc2_B) {
+                             const c10::optional<at::Tensor>& fc2_A, const c10::optional<at::Tensor>& fc2_B,
+                             const c10::optional<at::Tensor>& gate_weight = c10::nullopt,
+                             const c10::optional<at::Tensor>& gate_bias = c10::nullopt,
+                             const c10::optional<at::Tensor>& gate_A = c10::nullopt,
+                             const c10::optional<at::Tensor>& gate_B = c10::nullopt) {
   TORCH_CHECK(x.dim() == 2, "lowrank_moe: x must be [tokens, d_model], got ", x.sizes());
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "lowrank_moe: x must be floating point, got ", x.scalar_type());
   TORCH_CHECK(fc1_weight.dim() == 2, "lowrank_moe: fc1_weight must be [d_ff, d_model], got ", fc1_weight.sizes());
@@ -124,9 +140,21 @@ inline MoeSizes check_inputs(const at::Tensor& x, const at::Tensor& indices, con
     check_shape(*fc2_bias, {s.d_model}, "fc2_bias", "[d_model]");
     check_like(*fc2_bias, x, "fc2_bias");
   }
+  s.gated = gate_weight.has_value();
+  TORCH_CHECK(s.gated || !(gate_bias.has_value() || gate_A.has_value() || gate_B.has_value()),
+              "lowrank_moe: gate_bias, gate_A and gate_B belong to a gated FFN: they need gate_weight, got none");
+  if (s.gated) {
+    check_shape(*gate_weight, {s.d_ff, s.d_model}, "gate_weight", "[d_ff, d_model]");
+    check_like(*gate_weight, x, "gate_weight");
+  }
+  if (gate_bias.has_value()) {
+    check_shape(*gate_bias, {s.d_ff}, "gate_bias", "[d_ff]");
+    check_like(*gate_bias, x, "gate_bias");
+  }
   s.adapt_fc1 = check_lora(fc1_A, fc1_B, "fc1", x);
   s.adapt_fc2 = check_lora(fc2_A, fc2_B, "fc2", x);
-  const auto& any_A = s.adapt_fc1 ? fc1_A : fc2_A;
+  s.adapt_gate = check_lora(gate_A, gate_B, "gate", x);
+  const auto& any_A = s.adapt_fc1 ? fc1_A : s.adapt_fc2 ? fc2_A : gate_A;
   if (any_A.has_value()) {
     s.experts = any_A->size(0);
     s.rank = any_A->size(1);
@@ -141,6 +169,10 @@ inline MoeSizes check_inputs(const at::Tensor& x, const at::Tensor& indices, con
     check_shape(*fc2_A, {s.experts, s.rank, s.d_ff}, "fc2_A", "[experts, rank, d_ff]");
     check_shape(*fc2_B, {s.experts, s.d_model, s.rank}, "fc2_B", "[experts, d_model, rank]");
   }
+  if (s.adapt_gate) {
+    check_shape(*gate_A, {s.experts, s.rank, s.d_model}, "gate_A", "[experts, rank, d_model]");
+    check_shape(*gate_B, {s.experts, s.d_ff, s.rank}, "gate_B", "[experts, d_ff, rank]");
+  }
   if (s.experts > 0 && s.tokens > 0) check_index_range(indices, s.experts);
   return s;
 }
@@ -151,12 +183,15 @@ inline MoeSizes check_backward_inputs(const at::Tensor& grad_y, const at::Tensor
                                       const at::Tensor& fc2_weight, const c10::optional<at::Tensor>& fc2_bias,
                                       const c10::optional<at::Tensor>& fc1_A, const c10::optional<at::Tensor>& fc1_B,
                                       const c10::optional<at::Tensor>& fc2_A, const c10::optional<at::Tensor>& fc2_B,
-                                      const at::Tensor& pre, const at::Tensor& U, const at::Tensor& V) {
+                                      const at::Tensor& pre, const at::Tensor& U, const at::Tensor& V,
+                                      const c10::optional<at::Tensor>& gate_weight = c10::nullopt,
+                                      const c10::optional<at::Tensor>& gate_A = c10::nullopt,
+                                      const c10::optional<at::Tensor>& gate_B = c10::nullopt) {
   const MoeSizes s = check_inputs(x, indices, weights, fc1_weight, c10::nullopt, fc2_weight, fc2_bias, fc1_A,
-                                  fc1_B, fc2_A, fc2_B);
+                                  fc1_B, fc2_A, fc2_B, gate_weight, c10::nullopt, gate_A, gate_B);
   check_shape(grad_y, {s.tokens, s.d_model}, "grad_y", "[tokens, d_model]");
-  check_shape(pre, {s.tokens, s.d_ff}, "pre", "[tokens, d_ff]");
-  if (s.adapt_fc1) check_shape(U, {s.tokens, s.experts * s.rank}, "U", "[tokens, experts * rank]");
+  check_shape(pre, {s.tokens, s.pre_width()}, "pre", s.gated ? "[tokens, 2 * d_ff]" : "[tokens, d_ff]");
+  if (s.u_width() > 0) check_shape(U, {s.tokens, s.u_width()}, "U", "[tokens, adapted inputs * experts * rank]");
   if (s.adapt_fc2) check_shape(V, {s.tokens, s.experts * s.rank}, "V", "[tokens, experts * rank]");
   return s;
 }
@@ -177,20 +212,34 @@ inline at::ScalarType compute_dtype(at::ScalarType t) {
 // The experts' factors laid out for the fused passes, in `dtype`, with the scale s folded in where it
 // belongs.  Undefined tensors for a projection that is not adapted.
 struct Factors {
-  at::Tensor A1s;      // [E·r, D]      all experts' fc1 down-projections, stacked
+  at::Tensor A1s;      // [n·E·r, D]    all experts' down-projections of x, stacked: fc1's, then the gate's
   at::Tensor B1t;      // [E, r, F]     s · fc1_B transposed: row i of expert e is s·B1[e][:, i]
+  at::Tensor Bgt;      // [E, r, F]     s · gate_B transposed, as B1t
   at::Tensor A2;       // [E, r, F]
   at::Tensor B2s;      // [D, E·r]      s · fc2_B side by side
 };
 
+// s · B [E, n, r] as [E, r, n], in dtype.
+inline at::Tensor scaled_transposed(const at::Tensor& B, double scale, at::ScalarType dtype) {
+  return (B.to(dtype).transpose(1, 2) * scale).contiguous();
+}
+
 inline Factors prepare_factors(const MoeSizes& s, const c10::optional<at::Tensor>& fc1_A,
                                const c10::optional<at::Tensor>& fc1_B, const c10::optional<at::Tensor>& fc2_A,
-                               const c10::optional<at::Tensor>& fc2_B, double scale, at::ScalarType dtype) {
+                               const c10::optional<at::Tensor>& fc2_B, double scale, at::ScalarType dtype,
+                               const c10::optional<at::Tensor>& gate_A = c10::nullopt,
+                               const c10::optional<at::Tensor>& gate_B = c10::nullopt) {
   Factors f;
+  std::vector<at::Tensor> down;  // the factors applied to x
   if (s.adapt_fc1) {
-    f.A1s = fc1_A->to(dtype).reshape({s.experts * s.rank, s.d_model}).contiguous();
-    f.B1t = (fc1_B->to(dtype).transpose(1, 2) * scale).contiguous();
+    down.push_back(fc1_A->to(dtype).reshape({s.experts * s.rank, s.d_model}));
+    f.B1t = scaled_transposed(*fc1_B, scale, dtype);
   }
+  if (s.adapt_gate) {
+    down.push_back(gate_A->to(dtype).reshape({s.experts * s.rank, s.d_model}));
+    f.Bgt = scaled_transposed(*gate_B, scale, dtype);
+  }
+  if (!down.empty()) f.A1s = at::cat(down).contiguous();
   if (s.adapt_fc2) {
     f.A2 = fc2_A->to(dtype).contiguous();
     f.B2s = (fc2_B->to(dtype).permute({1, 0, 2}) * scale).reshape({s.d_model, s.experts * s.rank}).contiguous();
@@ -216,29 +265,50 @@ inline at::Tensor cast_like(const at::Tensor& t, const c10::optional<at::Tensor>
 
 inline at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
 
-// The lora factors' gradients (dA1, dB1, dA2, dB2) in their own layouts and dtypes, from what the
-// fused backward accumulated in the compute dtype: grad_U = dL/d(x A1ᵀ) [T, E·r], grad_B1t = the
-// gradient of B1t without s [E·r, F], grad_A2 [E·r, F]; dB2 = s gᵀ V needs only g and the saved V.
-// Fresh empty tensors (x's options) for a projection that is not adapted.
-inline std::array<at::Tensor, 4> factor_grads(const MoeSizes& s, double scale, const at::Tensor& x,
+// The gradients (dA [E, r, D], dB [E, F, r]) of a pair adapting an input projection (fc1 or the gate),
+// in the factors' dtype: grad_U = dL/d(x Aᵀ) [T, E·r], grad_Bt = the gradient of s·Bᵀ without s [E·r, F].
+inline std::array<at::Tensor, 2> input_pair_grads(const MoeSizes& s, double scale, const at::Tensor& x_compute,
+                                                  const at::Tensor& grad_U, const at::Tensor& grad_Bt,
+                                                  const c10::optional<at::Tensor>& A,
+                                                  const c10::optional<at::Tensor>& B) {
+  const at::Tensor dA = at::mm(grad_U.t(), x_compute).view({s.experts, s.rank, s.d_model});
+  const at::Tensor dB = (grad_Bt.view({s.experts, s.rank, s.d_ff}) * scale).transpose(1, 2).contiguous();
+  return {cast_like(dA, A), cast_like(dB, B)};
+}
+
+// The lora factors' gradients (dA1, dB1, dA2, dB2, dA_g, dB_g) in their own layouts and dtypes, from what
+// the fused backward accumulated in the compute dtype: grad_U = dL/dU [T, u_width] (U's layout),
+// grad_B1t / grad_Bgt = the gradients of B1t / Bgt without s [E·r, F], grad_A2 [E·r, F]; dB2 = s gᵀ V
+// needs only g and the saved V.  Fresh empty tensors (x's options) for a projection that is not adapted.
+inline std::array<at::Tensor, 6> factor_grads(const MoeSizes& s, double scale, const at::Tensor& x,
                                               const at::Tensor& g, const at::Tensor& V, const at::Tensor& grad_U,
                                               const at::Tensor& grad_B1t, const at::Tensor& grad_A2,
                                               const c10::optional<at::Tensor>& fc1_A,
                                               const c10::optional<at::Tensor>& fc1_B,
                                               const c10::optional<at::Tensor>& fc2_A,
-                                              const c10::optional<at::Tensor>& fc2_B) {
+                                              const c10::optional<at::Tensor>& fc2_B,
+                                              const at::Tensor& grad_Bgt = at::Tensor(),
+                                              const c10::optional<at::Tensor>& gate_A = c10::nullopt,
+                                              const c10::optional<at::Tensor>& gate_B = c10::nullopt) {
   const auto compute = g.scalar_type();
-  at::Tensor dA1, dB1, dA2, dB2;
+  const int64_t Er = s.experts * s.rank;
+  std::array<at::Tensor, 6> grads;
+  const at::Tensor xc = s.u_width() > 0 ? contiguous_as(x, compute) : at::Tensor();
   if (s.adapt_fc1) {
-    dA1 = at::mm(grad_U.t(), contiguous_as(x, compute)).view({s.experts, s.rank, s.d_model});
-    dB1 = (grad_B1t.view({s.experts, s.rank, s.d_ff}) * scale).transpose(1, 2).contiguous();
+    const auto pair = input_pair_grads(s, scale, xc, grad_U.narrow(1, 0, Er), grad_B1t, fc1_A, fc1_B);
+    grads[0] = pair[0], grads[1] = pair[1];
   }
   if (s.adapt_fc2) {
-    dA2 = grad_A2.view({s.experts, s.rank, s.d_ff});
-    dB2 = unstack_up(at::mm(g.t(), contiguous_as(V, compute)) * scale, s);
+    grads[2] = cast_like(grad_A2.view({s.experts, s.rank, s.d_ff}), fc2_A);
+    grads[3] = cast_like(unstack_up(at::mm(g.t(), contiguous_as(V, compute)) * scale, s), fc2_B);
   }
-  return {or_empty(cast_like(dA1, fc1_A), x.options()), or_empty(cast_like(dB1, fc1_B), x.options()),
-          or_empty(cast_like(dA2, fc2_A), x.options()), or_empty(cast_like(dB2, fc2_B), x.options())};
+  if (s.adapt_gate) {
+    const auto pair = input_pair_grads(s, scale, xc, grad_U.narrow(1, s.adapt_fc1 ? Er : 0, Er), grad_Bgt, gate_A,
+                                       gate_B);
+    grads[4] = pair[0], grads[5] = pair[1];
+  }
+  for (auto& grad : grads) grad = or_empty(grad, x.options());
+  return grads;
 }
 
 }  // namespace dasam3

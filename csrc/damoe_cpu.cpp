@@ -278,20 +278,48 @@ struct Experts {
   int64_t d_ff, top_k, experts, rank;
   const int64_t* indices;  // [T, k]
   const scalar_t* p;       // [T, k]
-  const scalar_t* U;       // [T, E·r] = x A1ᵀ, or null when fc1 is not adapted
+  const scalar_t* U;       // [T, u_stride]: x A1ᵀ in its first E·r columns, or null when fc1 is not adapted
+  const scalar_t* Ug;      // x A_gᵀ, the E·r columns of U after fc1's, or null when the gate is not adapted
+  int64_t u_stride;        // elements per row of U
   const scalar_t* B1t;     // [E, r, F], s folded in, or null
+  const scalar_t* Bgt;     // [E, r, F], s folded in, or null
   const scalar_t* A2;      // [E, r, F], or null when fc2 is not adapted
 
   int64_t expert(int64_t t, int64_t j) const { return indices[t * top_k + j]; }
   scalar_t weight(int64_t t, int64_t j) const { return p[t * top_k + j]; }
-  const scalar_t* u(int64_t t, int64_t e) const { return U + (t * experts + e) * rank; }
+  const scalar_t* u(int64_t t, int64_t e) const { return U + t * u_stride + e * rank; }
+  const scalar_t* ug(int64_t t, int64_t e) const { return Ug + t * u_stride + e * rank; }
   const scalar_t* B1t_of(int64_t e) const { return B1t + e * rank * d_ff; }
+  const scalar_t* Bgt_of(int64_t e) const { return Bgt + e * rank * d_ff; }
   const scalar_t* A2_of(int64_t e) const { return A2 + e * rank * d_ff; }
 };
 
-// Token t's forward from its pre-activation row: mixed = Σ_j p_j h_j; v_row[e_j·r..] += p_j A2[e_j] h_j.
-// h_row: [F] scratch.
-template <typename scalar_t, Activation A>
+// One slot's low-rank correction of an input projection (fc1 or the gate): the token's U columns of its
+// expert and that expert's s·Bᵀ rows; rank 0 when the projection is not adapted.
+template <typename scalar_t>
+struct InputTerm {
+  const scalar_t* coeffs = nullptr;
+  const scalar_t* rows = nullptr;
+  int64_t rank = 0;
+
+  Vectorized<scalar_t> add_to(const scalar_t* base, int64_t n, int64_t f, int64_t m) const {
+    return low_rank_add(base, coeffs, rows, rank, n, f, m);
+  }
+};
+
+template <typename scalar_t>
+InputTerm<scalar_t> fc1_term(const Experts<scalar_t>& X, int64_t t, int64_t e) {
+  return X.U ? InputTerm<scalar_t>{X.u(t, e), X.B1t_of(e), X.rank} : InputTerm<scalar_t>{};
+}
+
+template <typename scalar_t>
+InputTerm<scalar_t> gate_term(const Experts<scalar_t>& X, int64_t t, int64_t e) {
+  return X.Ug ? InputTerm<scalar_t>{X.ug(t, e), X.Bgt_of(e), X.rank} : InputTerm<scalar_t>{};
+}
+
+// Token t's forward from its pre-activation row (gated: [fc1's | the gate's], 2F long):
+// mixed = Σ_j p_j h_j; v_row[e_j·r..] += p_j A2[e_j] h_j.  h_row: [F] scratch.
+template <typename scalar_t, Activation A, bool kGated>
 void forward_token(const Experts<scalar_t>& X, int64_t t, const scalar_t* pre, scalar_t* mixed, scalar_t* v_row,
                    scalar_t* h_row) {
   using V = Vectorized<scalar_t>;
@@ -299,11 +327,12 @@ void forward_token(const Experts<scalar_t>& X, int64_t t, const scalar_t* pre, s
   for (int64_t j = 0; j < X.top_k; ++j) {
     const int64_t e = X.expert(t, j);
     const scalar_t pj = X.weight(t, j);
-    const scalar_t* u = X.U ? X.u(t, e) : nullptr;
-    const scalar_t* B1t_e = X.U ? X.B1t_of(e) : nullptr;
-    const int64_t r1 = X.U ? X.rank : 0;
+    const InputTerm<scalar_t> fc1 = fc1_term(X, t, e), gate = gate_term(X, t, e);
     for_each_vector<scalar_t>(F, [&](int64_t f, auto m) {
-      const V h = Act<A>::value(low_rank_add(pre, u, B1t_e, r1, F, f, m));
+      const V z = fc1.add_to(pre, F, f, m);
+      V h;
+      if constexpr (kGated) h = Act<A>::value(gate.add_to(pre + F, F, f, m)) * z;
+      else h = Act<A>::value(z);
       store_or_add(V(pj) * h, mixed, f, m, j > 0);
       if (X.A2) h.store(h_row + f, m);
     });
@@ -311,55 +340,80 @@ void forward_token(const Experts<scalar_t>& X, int64_t t, const scalar_t* pre, s
   }
 }
 
-// Per-token inputs and outputs of the backward pass (rows of length F unless noted).
+// Per-token inputs and outputs of the backward pass (rows of length F unless noted; pre and grad_pre
+// are 2F long for a gated FFN, the gate's half second).
 template <typename scalar_t>
 struct TokenGrads {
   const scalar_t* pre;
   const scalar_t* grad_mixed;  // W2ᵀ g
   const scalar_t* g2;          // [E·r] g (s B2s), or null when fc2 is not adapted
   scalar_t g_dot_b2;           // <g, b2>
-  scalar_t* grad_pre;          // Σ_j dL/dz_j
+  scalar_t* grad_pre;          // Σ_j dL/dz_j (gated: then Σ_j dL/dg_j)
   scalar_t* grad_p;            // [k]
-  scalar_t* grad_u;            // [E·r] accumulated, or null
+  scalar_t* grad_u;            // [E·r] of fc1 accumulated, or null
   scalar_t* grad_B1t;          // [E, r, F] accumulated (without s), or null
   scalar_t* grad_A2;           // [E, r, F] accumulated, or null
   scalar_t* mixed;             // Σ_j p_j h_j, or null when not wanted
   scalar_t* h_row;             // scratch
   scalar_t* gz_row;            // scratch
+  scalar_t* grad_ug;           // [E·r] of the gate accumulated, or null
+  scalar_t* grad_Bgt;          // [E, r, F] accumulated (without s), or null
+  scalar_t* gg_row;            // scratch (gated)
 };
 
+// The gradients of one input projection's low-rank term from dL/dz of a slot (gz): dL/dU[e] += gz (s Bᵀ)ᵀ
+// and the gradient of s·Bᵀ (without s) += U[e] ⊗ gz.
+template <typename scalar_t>
+void input_term_grads(const InputTerm<scalar_t>& term, const scalar_t* gz, int64_t e, int64_t F, scalar_t* grad_u,
+                      scalar_t* grad_Bt) {
+  if (term.rank == 0) return;
+  add_dots(gz, term.rows, term.rank, F, scalar_t(1), grad_u + e * term.rank);  // s is in the rows
+  add_outer(term.coeffs, gz, term.rank, F, grad_Bt + e * term.rank * F);
+}
+
 // Token t's backward: with q_j = W2ᵀg + A2[e]ᵀ g2_e (the gradient of h_j per unit p_j),
-// dL/dp_j = <h_j, q_j> + <g, b2> and dL/dz_j = p_j q_j act'(z_j).
-template <typename scalar_t, Activation A>
+// dL/dp_j = <h_j, q_j> + <g, b2> and dL/dz_j = p_j q_j act'(z_j); gated (h_j = act(g_j) ⊙ z_j),
+// dL/dz_j = p_j q_j act(g_j) and dL/dg_j = p_j q_j z_j act'(g_j).
+template <typename scalar_t, Activation A, bool kGated>
 void backward_token(const Experts<scalar_t>& X, int64_t t, const TokenGrads<scalar_t>& G) {
   using V = Vectorized<scalar_t>;
   const int64_t F = X.d_ff, r = X.rank;
-  const bool fc1 = X.U != nullptr, fc2 = X.A2 != nullptr;
+  const bool fc2 = X.A2 != nullptr;
   scalar_t coeffs[64];
   for (int64_t j = 0; j < X.top_k; ++j) {
     const int64_t e = X.expert(t, j);
     const scalar_t pj = X.weight(t, j);
-    const scalar_t* u = fc1 ? X.u(t, e) : nullptr;
-    const scalar_t* B1t_e = fc1 ? X.B1t_of(e) : nullptr;
+    const InputTerm<scalar_t> fc1 = fc1_term(X, t, e), gate = gate_term(X, t, e);
     const scalar_t* A2_e = fc2 ? X.A2_of(e) : nullptr;
     const scalar_t* g2 = fc2 ? G.g2 + e * r : nullptr;
     V grad_p(0);
     for_each_vector<scalar_t>(F, [&](int64_t f, auto m) {
-      V h, d;
-      Act<A>::value_and_grad(low_rank_add(G.pre, u, B1t_e, fc1 ? r : 0, F, f, m), h, d);
+      V h, gz;
+      const V z = fc1.add_to(G.pre, F, f, m);
       const V q = low_rank_add(G.grad_mixed, g2, A2_e, fc2 ? r : 0, F, f, m);
+      const V grad_h = V(pj) * q;
+      if constexpr (kGated) {
+        V a, d;
+        Act<A>::value_and_grad(gate.add_to(G.pre + F, F, f, m), a, d);
+        h = a * z;
+        gz = grad_h * a;
+        const V gg = grad_h * z * d;
+        store_or_add(gg, G.grad_pre + F, f, m, j > 0);
+        if (gate.rank) gg.store(G.gg_row + f, m);
+      } else {
+        V d;
+        Act<A>::value_and_grad(z, h, d);
+        gz = grad_h * d;
+      }
       grad_p = at::vec::fmadd(h, q, grad_p);
-      const V gz = V(pj) * q * d;
       store_or_add(gz, G.grad_pre, f, m, j > 0);
-      if (fc1) gz.store(G.gz_row + f, m);
+      if (fc1.rank) gz.store(G.gz_row + f, m);
       if (fc2) h.store(G.h_row + f, m);
       if (G.mixed) store_or_add(V(pj) * h, G.mixed, f, m, j > 0);
     });
     G.grad_p[j] = reduce_sum(grad_p) + G.g_dot_b2;
-    if (fc1) {
-      add_dots(G.gz_row, B1t_e, r, F, scalar_t(1), G.grad_u + e * r);  // s is in B1t
-      add_outer(u, G.gz_row, r, F, G.grad_B1t + e * r * F);
-    }
+    input_term_grads(fc1, G.gz_row, e, F, G.grad_u, G.grad_B1t);
+    if constexpr (kGated) input_term_grads(gate, G.gg_row, e, F, G.grad_ug, G.grad_Bgt);
     for (int64_t i0 = 0; fc2 && i0 < r; i0 += 64) {  // dA2[e] += p_j g2_e ⊗ h_j, in chunks of 64 ranks
       const int64_t count = std::min<int64_t>(64, r - i0);
       for (int64_t i = 0; i < count; ++i) coeffs[i] = pj * g2[i0 + i];
@@ -436,39 +490,54 @@ void add_low_rank_and_bias(at::Tensor& y, const at::Tensor& V, const at::Tensor&
 // ---- forward ---------------------------------------------------------------------------------------
 
 struct ForwardTensors {
-  at::Tensor x, W1, W2;          // contiguous, in the GEMM dtype
-  at::Tensor b1, b2, p_sum, B2s;  // contiguous, in the compute dtype
+  at::Tensor x, W1, Wg, W2;      // contiguous, in the GEMM dtype; Wg undefined for a plain FFN
+  at::Tensor b1, b2, p_sum, B2s;  // contiguous, in the compute dtype; b1 [pre width]: gated, b1 then b_g
   at::Tensor y, pre;          // outputs in the GEMM dtype; pre undefined when not saved
   at::Tensor V;               // output in the compute dtype; undefined when fc2 is not adapted
 };
 
-template <typename scalar_t, typename acc_t, Activation A>
+// pre [n, F or 2F] = x_tile [W1; W_g]ᵀ: the gated FFN's two products of one x tile side by side, each
+// GEMM writing its half in place (BLAS takes the row stride).  The biases are added per token:
+// addmm_out would first copy them to every row.
+void input_products(at::Tensor& pre, const at::Tensor& x_tile, const at::Tensor& W1, const at::Tensor& Wg) {
+  if (!Wg.defined()) {
+    at::mm_out(pre, x_tile, W1.t());
+    return;
+  }
+  const int64_t F = W1.size(0);
+  at::Tensor fc1_half = pre.narrow(1, 0, F), gate_half = pre.narrow(1, F, F);
+  at::mm_out(fc1_half, x_tile, W1.t());
+  at::mm_out(gate_half, x_tile, Wg.t());
+}
+
+template <typename scalar_t, typename acc_t, Activation A, bool kGated>
 void forward_tiles(const Experts<acc_t>& X, ForwardTensors& ts) {
-  const int64_t T = ts.x.size(0), F = X.d_ff, rows = tile_rows(T, F);
+  const int64_t T = ts.x.size(0), F = X.d_ff, P = kGated ? 2 * F : F, rows = tile_rows(T, F);
   parallel_tiles(T, rows, [&](int64_t begin, int64_t end) {
     const auto opts = ts.x.options();
-    at::Tensor pre_scratch = ts.pre.defined() ? at::Tensor() : at::empty({rows, F}, opts);
+    at::Tensor pre_scratch = ts.pre.defined() ? at::Tensor() : at::empty({rows, P}, opts);
     at::Tensor mixed = at::empty({rows, F}, opts);
-    at::Tensor rows_acc = at::empty({3, F}, opts.dtype(c10::CppTypeToScalarType<acc_t>::value));  // h, pre, mixed
+    // h [F], mixed [F], pre [P] in the compute dtype
+    at::Tensor rows_acc = at::empty({2 * F + P}, opts.dtype(c10::CppTypeToScalarType<acc_t>::value));
     acc_t* h_row = rows_acc.data_ptr<acc_t>();
     const acc_t* b1 = ptr_or_null<acc_t>(ts.b1);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t t0 = tile * rows, n = std::min(rows, T - t0);
       at::Tensor pre = ts.pre.defined() ? ts.pre.narrow(0, t0, n) : pre_scratch.narrow(0, 0, n);
       at::Tensor x_tile = ts.x.narrow(0, t0, n), y = ts.y.narrow(0, t0, n), m = mixed.narrow(0, 0, n);
-      at::mm_out(pre, x_tile, ts.W1.t());  // b1 is added per token: addmm_out would first copy it to every row
+      input_products(pre, x_tile, ts.W1, ts.Wg);
       for (int64_t t = 0; t < n; ++t) {
         scalar_t* m_row = row_of<scalar_t>(m, t, F);
-        scalar_t* pre_row = row_of<scalar_t>(pre, t, F);
-        acc_t* mixed_acc = accumulator_row(m_row, h_row + 2 * F);
-        acc_t* pre_acc = accumulator_row(pre_row, h_row + F);
-        compute_row(pre_row, pre_acc, F);
+        scalar_t* pre_row = row_of<scalar_t>(pre, t, P);
+        acc_t* mixed_acc = accumulator_row(m_row, h_row + F);
+        acc_t* pre_acc = accumulator_row(pre_row, h_row + 2 * F);
+        compute_row(pre_row, pre_acc, P);
         if (b1) {
-          add_row(b1, pre_acc, F);
-          if (ts.pre.defined()) store_row(pre_acc, pre_row, F);  // the saved pre-activation includes b1
+          add_row(b1, pre_acc, P);
+          if (ts.pre.defined()) store_row(pre_acc, pre_row, P);  // the saved pre-activation includes b1
         }
-        forward_token<acc_t, A>(X, t0 + t, pre_acc, mixed_acc, row_of<acc_t>(ts.V, t0 + t, X.experts * X.rank),
-                                h_row);
+        forward_token<acc_t, A, kGated>(X, t0 + t, pre_acc, mixed_acc,
+                                        row_of<acc_t>(ts.V, t0 + t, X.experts * X.rank), h_row);
         store_row(mixed_acc, m_row, F);
       }
       at::mm_out(y, m, ts.W2.t());
@@ -482,18 +551,42 @@ at::Tensor optional_as(const c10::optional<at::Tensor>& t, at::ScalarType dtype)
   return t.has_value() ? contiguous_as(*t, dtype) : at::Tensor();
 }
 
+// b1 [P] for the per-token pass: fc1's bias, gated followed by the gate's (zeros for a missing one);
+// undefined when there is no bias to add.
+at::Tensor pre_bias(const MoeSizes& s, const c10::optional<at::Tensor>& fc1_bias,
+                    const c10::optional<at::Tensor>& gate_bias, const at::TensorOptions& compute) {
+  if (!s.gated || !(fc1_bias.has_value() || gate_bias.has_value())) {
+    return optional_as(fc1_bias, c10::typeMetaToScalarType(compute.dtype()));
+  }
+  const auto half = [&](const c10::optional<at::Tensor>& b) {
+    return b.has_value() ? b->to(compute.dtype()) : at::zeros({s.d_ff}, compute);
+  };
+  return at::cat({half(fc1_bias), half(gate_bias)}).contiguous();
+}
+
 template <typename scalar_t>
 Experts<scalar_t> experts_view(const MoeSizes& s, const at::Tensor& indices, const at::Tensor& p,
                                const at::Tensor& U, const Factors& f) {
+  scalar_t* const u = s.u_width() > 0 ? U.data_ptr<scalar_t>() : nullptr;
   return Experts<scalar_t>{s.d_ff,
                            s.top_k,
                            s.experts,
                            s.rank,
                            indices.data_ptr<int64_t>(),
                            p.data_ptr<scalar_t>(),
-                           s.adapt_fc1 ? U.data_ptr<scalar_t>() : nullptr,
+                           s.adapt_fc1 ? u : nullptr,
+                           s.adapt_gate ? u + (s.adapt_fc1 ? s.experts * s.rank : 0) : nullptr,
+                           s.u_width(),
                            ptr_or_null<scalar_t>(f.B1t),
+                           ptr_or_null<scalar_t>(f.Bgt),
                            ptr_or_null<scalar_t>(f.A2)};
+}
+
+// fn(std::integral_constant<bool, gated>{}): a kernel template instantiated for plain and gated FFNs.
+template <typename Fn>
+void with_gating(bool gated, Fn&& fn) {
+  if (gated) fn(std::true_type{});
+  else fn(std::false_type{});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_moe_fwd_cpu(
@@ -501,31 +594,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_moe_fwd_cpu(
     const c10::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight, const c10::optional<at::Tensor>& fc2_bias,
     const c10::optional<at::Tensor>& fc1_A, const c10::optional<at::Tensor>& fc1_B,
     const c10::optional<at::Tensor>& fc2_A, const c10::optional<at::Tensor>& fc2_B, double scale,
-    c10::string_view activation, bool save_for_backward) {
+    c10::string_view activation, bool save_for_backward, const c10::optional<at::Tensor>& gate_weight,
+    const c10::optional<at::Tensor>& gate_bias, const c10::optional<at::Tensor>& gate_A,
+    const c10::optional<at::Tensor>& gate_B) {
   const KernelGuard guard;
   const MoeSizes s = check_inputs(x, indices, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc1_A, fc1_B,
-                                  fc2_A, fc2_B);
+                                  fc2_A, fc2_B, gate_weight, gate_bias, gate_A, gate_B);
   const Activation act = parse_activation(activation);
   const auto gemm = gemm_dtype(x.scalar_type()), dtype = compute_dtype(x.scalar_type());
   const int64_t Er = s.experts * s.rank;
   ForwardTensors ts;
   ts.x = contiguous_as(x, gemm);
   ts.W1 = contiguous_as(fc1_weight, gemm);
-  ts.b1 = optional_as(fc1_bias, dtype);
+  ts.Wg = optional_as(gate_weight, gemm);
+  ts.b1 = pre_bias(s, fc1_bias, gate_bias, x.options().dtype(dtype));
   ts.W2 = contiguous_as(fc2_weight, gemm);
   ts.b2 = optional_as(fc2_bias, dtype);
   const at::Tensor p = contiguous_as(weights, dtype), idx = contiguous_as(indices, at::kLong);
   if (ts.b2.defined()) ts.p_sum = p.sum(1);
-  const Factors f = prepare_factors(s, fc1_A, fc1_B, fc2_A, fc2_B, scale, dtype);
+  const Factors f = prepare_factors(s, fc1_A, fc1_B, fc2_A, fc2_B, scale, dtype, gate_A, gate_B);
   ts.B2s = f.B2s;
-  const at::Tensor U = s.adapt_fc1 ? at::mm(contiguous_as(x, dtype), f.A1s.t()) : at::Tensor();
+  const at::Tensor U = s.u_width() > 0 ? at::mm(contiguous_as(x, dtype), f.A1s.t()) : at::Tensor();
   ts.V = s.adapt_fc2 ? at::zeros({s.tokens, Er}, p.options()) : at::Tensor();
   ts.y = at::empty({s.tokens, s.d_model}, ts.x.options());
-  if (save_for_backward) ts.pre = at::empty({s.tokens, s.d_ff}, ts.x.options());
+  if (save_for_backward) ts.pre = at::empty({s.tokens, s.pre_width()}, ts.x.options());
 
   DASAM3_DISPATCH_GEMM_TYPES(gemm, "lowrank_moe_fwd_cpu", [&] {
     const auto X = experts_view<acc_t>(s, idx, p, U, f);
-    with_activation(act, [&](auto a) { forward_tiles<scalar_t, acc_t, decltype(a)::value>(X, ts); });
+    with_activation(act, [&](auto a) {
+      with_gating(s.gated, [&](auto gated) { forward_tiles<scalar_t, acc_t, decltype(a)::value, gated>(X, ts); });
+    });
   });
 
   const at::Tensor y = ts.y.to(x.scalar_type());
@@ -536,24 +634,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_moe_fwd_cpu(
 // ---- backward --------------------------------------------------------------------------------------
 
 struct BackwardTensors {
-  at::Tensor g, W1, W2, pre;                  // contiguous, in the GEMM dtype
+  at::Tensor g, W1, Wg, W2, pre;              // contiguous, in the GEMM dtype; Wg undefined for a plain FFN
   at::Tensor A1s, g2, g_dot_b2;               // contiguous, in the compute dtype
   at::Tensor grad_x, grad_pre, mixed;         // outputs in the GEMM dtype; undefined if unwanted
   at::Tensor grad_p, grad_U;                  // outputs in the compute dtype
-  at::Tensor grad_B1t, grad_A2;               // [threads, E, r, F] per-thread accumulators, compute dtype
+  at::Tensor grad_B1t, grad_Bgt, grad_A2;     // [threads, E, r, F] per-thread accumulators, compute dtype
 };
 
-template <typename scalar_t, typename acc_t, Activation A>
+// gx = grad_pre [W1; W_g]: the gradient of x through the frozen products (gated: both halves of grad_pre).
+void input_products_grad(at::Tensor& gx, const at::Tensor& grad_pre, const at::Tensor& W1, const at::Tensor& Wg) {
+  if (!Wg.defined()) {
+    at::mm_out(gx, grad_pre, W1);
+    return;
+  }
+  const int64_t F = W1.size(0);
+  at::mm_out(gx, grad_pre.narrow(1, 0, F), W1);
+  gx.addmm_(grad_pre.narrow(1, F, F), Wg);
+}
+
+template <typename scalar_t, typename acc_t, Activation A, bool kGated>
 void backward_tiles(const Experts<acc_t>& X, BackwardTensors& ts) {
-  const int64_t T = ts.g.size(0), F = X.d_ff, Er = X.experts * X.rank, rows = tile_rows(T, F);
+  const int64_t T = ts.g.size(0), F = X.d_ff, P = kGated ? 2 * F : F, Er = X.experts * X.rank;
+  const int64_t Uw = X.u_stride, rows = tile_rows(T, F);
   parallel_tiles(T, rows, [&](int64_t begin, int64_t end) {
     const auto opts = ts.g.options();
     const int64_t thread = at::get_thread_num();  // owns slice `thread` of the [threads, E, r, F] accumulators
     at::Tensor grad_mixed = at::empty({rows, F}, opts);
-    // h, gz, and the compute-dtype copies of pre, grad_mixed, grad_pre and mixed
-    at::Tensor scratch = at::empty({6, F}, opts.dtype(c10::CppTypeToScalarType<acc_t>::value));
-    at::Tensor grad_pre_scratch = ts.grad_pre.defined() ? at::Tensor() : at::empty({rows, F}, opts);
+    // h, gz, gg and the compute-dtype copies of grad_mixed, mixed [F each], pre and grad_pre [P each]
+    at::Tensor scratch = at::empty({5 * F + 2 * P}, opts.dtype(c10::CppTypeToScalarType<acc_t>::value));
+    at::Tensor grad_pre_scratch = ts.grad_pre.defined() ? at::Tensor() : at::empty({rows, P}, opts);
     acc_t* const row = scratch.data_ptr<acc_t>();
+    acc_t* const pre_scratch = row + 5 * F;
+    acc_t* const grad_pre_scratch_row = pre_scratch + P;
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t t0 = tile * rows, n = std::min(rows, T - t0);
       at::Tensor gm = grad_mixed.narrow(0, 0, n), g = ts.g.narrow(0, t0, n);
@@ -561,30 +673,34 @@ void backward_tiles(const Experts<acc_t>& X, BackwardTensors& ts) {
       at::mm_out(gm, g, ts.W2);
       for (int64_t t = 0; t < n; ++t) {
         const int64_t token = t0 + t;
-        scalar_t* grad_pre_row = row_of<scalar_t>(grad_pre, t, F);
+        scalar_t* grad_pre_row = row_of<scalar_t>(grad_pre, t, P);
         scalar_t* mixed_row = row_of<scalar_t>(ts.mixed, token, F);
-        acc_t* grad_pre_acc = accumulator_row(grad_pre_row, row + 4 * F);
-        acc_t* mixed_acc = mixed_row ? accumulator_row(mixed_row, row + 5 * F) : nullptr;
-        TokenGrads<acc_t> G{compute_row(row_of<scalar_t>(ts.pre, token, F), row + 2 * F, F),
+        acc_t* grad_pre_acc = accumulator_row(grad_pre_row, grad_pre_scratch_row);
+        acc_t* mixed_acc = mixed_row ? accumulator_row(mixed_row, row + 4 * F) : nullptr;
+        acc_t* grad_u_row = row_of<acc_t>(ts.grad_U, token, Uw);
+        TokenGrads<acc_t> G{compute_row(row_of<scalar_t>(ts.pre, token, P), pre_scratch, P),
                             compute_row(row_of<scalar_t>(gm, t, F), row + 3 * F, F),
                             row_of<acc_t>(ts.g2, token, Er),
                             ts.g_dot_b2.defined() ? ts.g_dot_b2.data_ptr<acc_t>()[token] : acc_t(0),
                             grad_pre_acc,
                             row_of<acc_t>(ts.grad_p, token, X.top_k),
-                            row_of<acc_t>(ts.grad_U, token, Er),
+                            X.U ? grad_u_row : nullptr,
                             row_of<acc_t>(ts.grad_B1t, thread, Er * F),
                             row_of<acc_t>(ts.grad_A2, thread, Er * F),
                             mixed_acc,
                             row,
-                            row + F};
-        backward_token<acc_t, A>(X, token, G);
-        store_row(grad_pre_acc, grad_pre_row, F);
+                            row + F,
+                            X.Ug ? grad_u_row + (X.U ? Er : 0) : nullptr,
+                            row_of<acc_t>(ts.grad_Bgt, thread, Er * F),
+                            row + 2 * F};
+        backward_token<acc_t, A, kGated>(X, token, G);
+        store_row(grad_pre_acc, grad_pre_row, P);
         if (mixed_row) store_row(mixed_acc, mixed_row, F);
       }
       if (ts.grad_x.defined()) {
         at::Tensor gx = ts.grad_x.narrow(0, t0, n);
-        at::mm_out(gx, grad_pre, ts.W1);
-        if (X.U) {
+        input_products_grad(gx, grad_pre, ts.W1, ts.Wg);
+        if (Uw > 0) {
           const at::Tensor grad_U = ts.grad_U.narrow(0, t0, n);
           if (gx.scalar_type() == grad_U.scalar_type()) gx.addmm_(grad_U, ts.A1s);
           else gx.add_(at::mm(grad_U, ts.A1s));
@@ -594,60 +710,66 @@ void backward_tiles(const Experts<acc_t>& X, BackwardTensors& ts) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor, at::Tensor>
 lowrank_moe_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& indices,
                     const at::Tensor& weights, const at::Tensor& fc1_weight, const at::Tensor& fc2_weight,
                     const c10::optional<at::Tensor>& fc2_bias, const c10::optional<at::Tensor>& fc1_A,
                     const c10::optional<at::Tensor>& fc1_B, const c10::optional<at::Tensor>& fc2_A,
                     const c10::optional<at::Tensor>& fc2_B, const at::Tensor& pre, const at::Tensor& U,
                     const at::Tensor& V, double scale, c10::string_view activation, bool need_grad_x,
-                    bool need_fc_grads) {
+                    bool need_fc_grads, const c10::optional<at::Tensor>& gate_weight,
+                    const c10::optional<at::Tensor>& gate_A, const c10::optional<at::Tensor>& gate_B) {
   const KernelGuard guard;
   const MoeSizes s = check_backward_inputs(grad_y, x, indices, weights, fc1_weight, fc2_weight, fc2_bias, fc1_A,
-                                           fc1_B, fc2_A, fc2_B, pre, U, V);
+                                           fc1_B, fc2_A, fc2_B, pre, U, V, gate_weight, gate_A, gate_B);
   const Activation act = parse_activation(activation);
   const auto gemm = gemm_dtype(x.scalar_type()), dtype = compute_dtype(x.scalar_type());
-  const int64_t Er = s.experts * s.rank;
 
   BackwardTensors ts;
   ts.g = contiguous_as(grad_y, gemm);
   ts.W1 = contiguous_as(fc1_weight, gemm);
+  ts.Wg = optional_as(gate_weight, gemm);
   ts.W2 = contiguous_as(fc2_weight, gemm);
   ts.pre = contiguous_as(pre, gemm);
   const at::Tensor g = contiguous_as(grad_y, dtype);  // the low-rank and bias terms' gradients, in fp32
   const at::Tensor p = contiguous_as(weights, dtype), idx = contiguous_as(indices, at::kLong);
-  const at::Tensor Uc = s.adapt_fc1 ? contiguous_as(U, dtype) : at::Tensor();
-  const Factors f = prepare_factors(s, fc1_A, fc1_B, fc2_A, fc2_B, scale, dtype);
+  const at::Tensor Uc = s.u_width() > 0 ? contiguous_as(U, dtype) : at::Tensor();
+  const Factors f = prepare_factors(s, fc1_A, fc1_B, fc2_A, fc2_B, scale, dtype, gate_A, gate_B);
   ts.A1s = f.A1s;
   if (s.adapt_fc2) ts.g2 = at::mm(g, f.B2s);
   if (fc2_bias.has_value()) ts.g_dot_b2 = at::mv(g, contiguous_as(*fc2_bias, dtype));
   const auto opts = g.options(), gemm_opts = ts.g.options();
   ts.grad_p = at::empty({s.tokens, s.top_k}, opts);
   const int64_t threads = at::get_num_threads();
-  if (s.adapt_fc1) {
-    ts.grad_U = at::zeros({s.tokens, Er}, opts);
-    ts.grad_B1t = at::zeros({threads, s.experts, s.rank, s.d_ff}, opts);
-  }
-  if (s.adapt_fc2) ts.grad_A2 = at::zeros({threads, s.experts, s.rank, s.d_ff}, opts);
+  const auto accumulator = [&](bool adapted) {
+    return adapted ? at::zeros({threads, s.experts, s.rank, s.d_ff}, opts) : at::Tensor();
+  };
+  if (s.u_width() > 0) ts.grad_U = at::zeros({s.tokens, s.u_width()}, opts);
+  ts.grad_B1t = accumulator(s.adapt_fc1);
+  ts.grad_Bgt = accumulator(s.adapt_gate);
+  ts.grad_A2 = accumulator(s.adapt_fc2);
   if (need_grad_x) ts.grad_x = at::empty({s.tokens, s.d_model}, gemm_opts);
   if (need_fc_grads) {
-    ts.grad_pre = at::empty({s.tokens, s.d_ff}, gemm_opts);
+    ts.grad_pre = at::empty({s.tokens, s.pre_width()}, gemm_opts);
     ts.mixed = at::empty({s.tokens, s.d_ff}, gemm_opts);
   }
 
   DASAM3_DISPATCH_GEMM_TYPES(gemm, "lowrank_moe_bwd_cpu", [&] {
     const auto X = experts_view<acc_t>(s, idx, p, Uc, f);
-    with_activation(act, [&](auto a) { backward_tiles<scalar_t, acc_t, decltype(a)::value>(X, ts); });
+    with_activation(act, [&](auto a) {
+      with_gating(s.gated, [&](auto gated) { backward_tiles<scalar_t, acc_t, decltype(a)::value, gated>(X, ts); });
+    });
   });
 
   const auto sum_threads = [](const at::Tensor& t) { return t.defined() ? t.sum(0) : t; };
   const auto lora = factor_grads(s, scale, x, g, V, ts.grad_U, sum_threads(ts.grad_B1t), sum_threads(ts.grad_A2),
-                                 fc1_A, fc1_B, fc2_A, fc2_B);
+                                 fc1_A, fc1_B, fc2_A, fc2_B, sum_threads(ts.grad_Bgt), gate_A, gate_B);
   const auto in_x_dtype = [&](const at::Tensor& t) {
     return or_empty(t.defined() ? t.to(x.scalar_type()) : t, x.options());
   };
   return {in_x_dtype(ts.grad_x), ts.grad_p.to(weights.scalar_type()), lora[0], lora[1], lora[2], lora[3],
-          in_x_dtype(ts.grad_pre), in_x_dtype(ts.mixed)};
+          in_x_dtype(ts.grad_pre), in_x_dtype(ts.mixed), lora[4], lora[5]};
 }
 
 }  // namespace

@@ -273,12 +273,22 @@ dim3 tile_grid(const MoeSizes& s) {
   return dim3(tiles(s.tokens), tiles(s.d_ff));  // tokens on x: up to 2^31 - 1 tiles
 }
 
+// The CUDA kernels compute the plain FFN only (the ops' gate arguments exist for the CPU library).
+void refuse_gate(const c10::optional<at::Tensor>& gate_weight) {
+  TORCH_CHECK(!gate_weight.has_value(), "lowrank_moe: the CUDA kernels have no gated FFN (SwiGLU/GeGLU) path: "
+              "expected gate_weight=None, got a tensor of shape ", gate_weight->sizes(),
+              "; a gated layer runs on backend='torch' (backend='auto' picks one that can)");
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_moe_fwd_cuda(
     const at::Tensor& x, const at::Tensor& indices, const at::Tensor& weights, const at::Tensor& fc1_weight,
     const c10::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight, const c10::optional<at::Tensor>& fc2_bias,
     const c10::optional<at::Tensor>& fc1_A, const c10::optional<at::Tensor>& fc1_B,
     const c10::optional<at::Tensor>& fc2_A, const c10::optional<at::Tensor>& fc2_B, double scale,
-    c10::string_view activation, bool save_for_backward) {
+    c10::string_view activation, bool save_for_backward, const c10::optional<at::Tensor>& gate_weight,
+    const c10::optional<at::Tensor>& /*gate_bias*/, const c10::optional<at::Tensor>& /*gate_A*/,
+    const c10::optional<at::Tensor>& /*gate_B*/) {
+  refuse_gate(gate_weight);
   const KernelGuard guard;
   const c10::cuda::CUDAGuard device_guard(x.device());
   // V's sums over feature tiles are float atomics: the order, and so the last bits, vary run to run.
@@ -318,14 +328,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_moe_fwd_cuda(
   return {y, pre, or_empty(U, p.options()), or_empty(V, p.options())};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor, at::Tensor>
 lowrank_moe_bwd_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& indices,
                      const at::Tensor& weights, const at::Tensor& fc1_weight, const at::Tensor& fc2_weight,
                      const c10::optional<at::Tensor>& fc2_bias, const c10::optional<at::Tensor>& fc1_A,
                      const c10::optional<at::Tensor>& fc1_B, const c10::optional<at::Tensor>& fc2_A,
                      const c10::optional<at::Tensor>& fc2_B, const at::Tensor& pre, const at::Tensor& U,
                      const at::Tensor& V, double scale, c10::string_view activation, bool need_grad_x,
-                     bool need_fc_grads) {
+                     bool need_fc_grads, const c10::optional<at::Tensor>& gate_weight,
+                     const c10::optional<at::Tensor>& /*gate_A*/, const c10::optional<at::Tensor>& /*gate_B*/) {
+  refuse_gate(gate_weight);
   const KernelGuard guard;
   const c10::cuda::CUDAGuard device_guard(x.device());
   at::globalContext().alertNotDeterministic("dasam3::lowrank_moe_bwd (CUDA)");  // atomics, as the forward
@@ -376,7 +389,8 @@ lowrank_moe_bwd_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
   }
   const auto lora = factor_grads(s, scale, x, g_acc, V, grad_U, grad_B1t, grad_A2, fc1_A, fc1_B, fc2_A, fc2_B);
   return {or_empty(grad_x, x.options()), grad_p.to(weights.scalar_type()), lora[0], lora[1], lora[2], lora[3],
-          or_empty(need_fc_grads ? grad_pre : at::Tensor(), x.options()), or_empty(mixed, x.options())};
+          or_empty(need_fc_grads ? grad_pre : at::Tensor(), x.options()), or_empty(mixed, x.options()), lora[4],
+          lora[5]};
 }
 
 }  // namespace

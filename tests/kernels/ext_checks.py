@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 
 from dasam3.layers import DAMoE
+from dasam3_kernels import load_backend
 
-from .cases import LORA, Case, assert_close, make_problem, tolerance
+from .cases import FROZEN, LORA, Case, assert_close, check_against_reference, make_problem, tolerance
+from .test_gated import GATE, GATE_LORA, GatedProblem, check_gated
 
 # Shapes that span several token tiles of the CPU kernel (2^19 / d_ff = 127 rows each), so several threads
 # and their gradient accumulators, and several feature tiles of the CUDA kernel with a ragged tail
@@ -19,23 +21,41 @@ MULTI_TILE_CASES = [
 ]
 
 
-def fwd_args(case: Case, device: str, save: bool) -> tuple:
-    """Arguments of `dasam3::lowrank_moe_fwd` for `case`; without `save` (inference) nothing requires grad."""
-    args = make_problem(case, device).args()
-    if not save:
-        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-    return (*args, save)
+def _detached(t):
+    return t.detach() if isinstance(t, torch.Tensor) else t
 
 
-def bwd_args(case: Case, device: str, need_fc: bool) -> tuple:
-    """Arguments of `dasam3::lowrank_moe_bwd`, from a forward that saved its intermediates."""
+def _op_inputs(case: Case, device: str, gated: bool):
+    """(the plain op's arguments up to activation, the gate's four or ()) for `case`."""
     problem = make_problem(case, device)
+    if not gated:
+        return problem, problem.args(), ()
+    assert device == "cpu", "the gated problems are built on the test device (cases.DEVICE)"
+    problem = GatedProblem(case)
+    t = problem.tensors
+    args = (problem.x, problem.indices, problem.weights, *(t[n] for n in FROZEN + LORA), case.scale, case.activation)
+    return problem, args, tuple(t[n] for n in GATE + GATE_LORA)
+
+
+def fwd_args(case: Case, device: str, save: bool, gated: bool = False) -> tuple:
+    """Arguments of `dasam3::lowrank_moe_fwd` for `case` (gated: with a gate, adapted); without `save`
+    (inference) nothing requires grad."""
+    _, args, gate = _op_inputs(case, device, gated)
+    if not save:
+        args, gate = tuple(map(_detached, args)), tuple(map(_detached, gate))
+    return (*args, save, *gate)
+
+
+def bwd_args(case: Case, device: str, need_fc: bool, gated: bool = False) -> tuple:
+    """Arguments of `dasam3::lowrank_moe_bwd`, from a forward that saved its intermediates."""
+    problem, args, gate = _op_inputs(case, device, gated)
     t = problem.tensors
     with torch.no_grad():
-        y, pre, U, V = torch.ops.dasam3.lowrank_moe_fwd(*problem.args(), True)
+        y, pre, U, V = torch.ops.dasam3.lowrank_moe_fwd(*args, True, *gate)
+    gate_bwd = (t["gate_weight"], *(_detached(t[n]) for n in GATE_LORA)) if gated else ()
     return (torch.randn_like(y), problem.x.detach(), problem.indices, problem.weights.detach(), t["fc1_weight"],
-            t["fc2_weight"], t["fc2_bias"], *(None if t[n] is None else t[n].detach() for n in LORA), pre, U, V,
-            case.scale, case.activation, True, need_fc)
+            t["fc2_weight"], t["fc2_bias"], *(_detached(t[n]) for n in LORA), pre, U, V,
+            case.scale, case.activation, True, need_fc, *gate_bwd)
 
 
 def make_layers(device: str, dtype: torch.dtype = torch.float32, backend: str = "cpu", *, skew: bool = False,
@@ -91,3 +111,21 @@ def check_layer_against_reference(device: str, dtype: torch.dtype = torch.float3
     for name, grad_ref in grads_ref.items():
         assert_close(grads[name], grad_ref, tol, f"d{name}")
     assert grads["router.token_proj.weight"].abs().max() > 0  # the routing weights' gradient reached the router
+
+
+def check_op_against_reference(case: Case, gated: bool) -> None:
+    """Backend "cpu"'s op (gated: `gated_moe`, its gate adapted) vs the per-expert reference: output and
+    every gradient."""
+    backend = load_backend("cpu")
+    if gated:
+        check_gated(backend.gated_moe, case)
+    else:
+        check_against_reference(backend.lowrank_moe, case, device="cpu")
+
+
+def op_and_args(case: Case, gated: bool) -> tuple:
+    """(backend "cpu"'s op, its arguments for `case`)."""
+    backend = load_backend("cpu")
+    if gated:
+        return backend.gated_moe, GatedProblem(case).args()
+    return backend.lowrank_moe, make_problem(case, "cpu").args()

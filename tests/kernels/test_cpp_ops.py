@@ -1,8 +1,9 @@
 """The compiled CPU kernels (`dasam3_kernels.cpp_ops`, csrc/damoe_cpu.cpp) beyond the conformance suite.
 
-test_backends.py already runs backend "cpu" against the reference on the edge matrix; here: several
-tiles on several threads, the op contracts (opcheck, torch.compile), the layer end to end, the
-frozen weights' gradients, every instruction-set variant, bad input, and the missing-extension path.
+test_backends.py already runs backend "cpu" against the reference on the edge matrix (test_gated.py the
+gated op); here: several tiles on several threads, the op contracts (opcheck, torch.compile), the layer
+end to end, the frozen weights' gradients, every instruction-set variant, bad input, and the
+missing-extension path, each for the plain and (`gated`) the gated FFN (SwiGLU/GeGLU).
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import torch
 from dasam3.layers import DAMoE
 from dasam3_kernels import backends, cpp_ops, load_backend, resolve_backend
 
-from .cases import Case, assert_close, check_against_reference, make_problem
-from .ext_checks import MULTI_TILE_CASES, bwd_args, check_layer_against_reference, fwd_args, make_layers, run_layer
+from .cases import FROZEN, LORA, Case, assert_close, make_problem
+from .ext_checks import MULTI_TILE_CASES, bwd_args, check_layer_against_reference, check_op_against_reference, \
+    fwd_args, make_layers, op_and_args, run_layer
+from .test_gated import GATE, GATE_LORA, GatedProblem
 
 try:
     cpp_ops.cpu_variant()
@@ -31,64 +34,69 @@ except RuntimeError as error:
     _MISSING = str(error)
 needs_extension = pytest.mark.skipif(_MISSING is not None, reason=f"{_MISSING}")
 ROOT = Path(__file__).resolve().parents[2]
+gated_or_plain = pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 
 
 @needs_extension
+@gated_or_plain
 @pytest.mark.parametrize("case", MULTI_TILE_CASES, ids=str)
-def test_several_tiles_match_reference(case: Case):
-    check_against_reference(load_backend("cpu").lowrank_moe, case, device="cpu")
+def test_several_tiles_match_reference(case: Case, gated: bool):
+    check_op_against_reference(case, gated)
 
 
 @needs_extension
+@gated_or_plain
 @pytest.mark.parametrize("half_gemm", ["1", "0"], ids=["half-gemm", "fp32-gemm"])
 @pytest.mark.parametrize("case", [Case(dtype=torch.bfloat16), Case(dtype=torch.float16, skew=True),
                                   Case(dtype=torch.bfloat16, noncontiguous=True, activation="relu"),
                                   Case(dtype=torch.float16, tokens=1, adapt=("fc2",), bias=False),
                                   MULTI_TILE_CASES[3], replace(MULTI_TILE_CASES[1], dtype=torch.float16)], ids=str)
-def test_both_half_type_gemm_paths_match_reference(monkeypatch, case: Case, half_gemm: str):
+def test_both_half_type_gemm_paths_match_reference(monkeypatch, case: Case, half_gemm: str, gated: bool):
     """The kernel multiplies a half type natively only where the CPU can (bf16: AVX512-BF16/AMX, fp16:
     AVX512-FP16/AMX-FP16), else in fp32; DASAM3_CPU_HALF_GEMM forces each path on any CPU."""
     monkeypatch.setenv("DASAM3_CPU_HALF_GEMM", half_gemm)
-    check_against_reference(load_backend("cpu").lowrank_moe, case, device="cpu")
+    check_op_against_reference(case, gated)
 
 
 @needs_extension
-def test_result_does_not_depend_on_thread_count():
-    problem = make_problem(MULTI_TILE_CASES[0], "cpu")
-    op = load_backend("cpu").lowrank_moe
+@gated_or_plain
+def test_result_does_not_depend_on_thread_count(gated: bool):
+    op, args = op_and_args(MULTI_TILE_CASES[0], gated)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        single = op(*problem.args())
+        single = op(*args)
         torch.set_num_threads(2)
-        double = op(*problem.args())
+        double = op(*args)
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(double, single, rtol=1e-5, atol=1e-6)
 
 
 @needs_extension
+@gated_or_plain
 @pytest.mark.parametrize("case", [Case(), Case(adapt=("fc1",), bias=False), Case(adapt=("fc2",)),
                                   Case(adapt=(), activation="relu"), Case(dtype=torch.float16, tokens=5)], ids=str)
 @pytest.mark.parametrize("save", [True, False])
-def test_forward_op_contract(case: Case, save: bool):
+def test_forward_op_contract(case: Case, save: bool, gated: bool):
     """Schema, fake (meta) implementation, autograd registration and AOT dispatch, as torch checks them."""
-    torch.library.opcheck(torch.ops.dasam3.lowrank_moe_fwd.default, fwd_args(case, "cpu", save))
+    torch.library.opcheck(torch.ops.dasam3.lowrank_moe_fwd.default, fwd_args(case, "cpu", save, gated))
 
 
 @needs_extension
+@gated_or_plain
 @pytest.mark.parametrize("case", [Case(), Case(adapt=("fc1",), bias=False), Case(adapt=("fc2",))], ids=str)
 @pytest.mark.parametrize("need_fc", [True, False])
-def test_backward_op_contract(case: Case, need_fc: bool):
-    torch.library.opcheck(torch.ops.dasam3.lowrank_moe_bwd.default, bwd_args(case, "cpu", need_fc))
+def test_backward_op_contract(case: Case, need_fc: bool, gated: bool):
+    torch.library.opcheck(torch.ops.dasam3.lowrank_moe_bwd.default, bwd_args(case, "cpu", need_fc, gated))
 
 
 @needs_extension
-def test_compiles_without_graph_break():
-    problem = make_problem(Case(), "cpu")
-    op = load_backend("cpu").lowrank_moe
+@gated_or_plain
+def test_compiles_without_graph_break(gated: bool):
+    op, args = op_and_args(Case(), gated)
     compiled = torch.compile(op, backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(compiled(*problem.args()), op(*problem.args()))
+    torch.testing.assert_close(compiled(*args), op(*args))
 
 
 def _compiled_matches_eager(model: torch.nn.Module, inputs: list[torch.Tensor]) -> None:
@@ -107,12 +115,13 @@ def _compiled_matches_eager(model: torch.nn.Module, inputs: list[torch.Tensor]) 
 
 
 @needs_extension
+@gated_or_plain
 @pytest.mark.parametrize("backend", ["cpu", "auto"])
-def test_layer_compiles_with_dynamic_shapes_in_one_graph(backend: str):
+def test_layer_compiles_with_dynamic_shapes_in_one_graph(backend: str, gated: bool):
     """Also with "auto" resolved for the first time inside the trace: the backend loads eagerly there
     (a library load and PyTorch's CPU-capability query are no graph ops)."""
     torch.manual_seed(0)
-    layer = DAMoE(16, 24, backend=backend, context_dim=0)
+    layer = DAMoE(16, 24, backend=backend, context_dim=0, gated=gated)
     with torch.no_grad():
         for param in layer.expert_parameters():
             param.normal_(0.0, 0.3)
@@ -147,22 +156,26 @@ def test_patched_timm_model_compiles_with_dynamic_shapes_in_one_graph(model: str
     {"skew": True, "context_dim": 6, "activation": "relu", "num_experts": 5, "top_k": 3},
     {"adapt": ("fc1",), "bias": False, "activation": "silu", "rank": 3},
 ], ids=["balanced", "skewed", "context-relu", "fc1-only"])
-def test_layer_matches_reference(config: dict):
-    check_layer_against_reference("cpu", d_model=24, d_ff=40, **config)
+@gated_or_plain
+def test_layer_matches_reference(config: dict, gated: bool):
+    check_layer_against_reference("cpu", d_model=24, d_ff=40, gated=gated, **config)
 
 
 @needs_extension
+@gated_or_plain
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_layer_under_autocast(dtype: torch.dtype):
+def test_layer_under_autocast(dtype: torch.dtype, gated: bool):
     """Forward and backward inside the caller's autocast: the kernels' own GEMMs must not be recast."""
-    layer, reference = make_layers("cpu", d_model=16, d_ff=48, context_dim=4)
+    layer, reference = make_layers("cpu", d_model=16, d_ff=48, context_dim=4, gated=gated)
     x, context, grad_y = torch.randn(2, 9, 16), torch.randn(2, 4), torch.randn(2, 9, 16)
     y_ref, grads_ref = run_layer(reference, x, context, grad_y)
     with torch.autocast("cpu", dtype=dtype):
         y, grads = run_layer(layer, x, context, grad_y)
     assert y.dtype == dtype
     assert_close(y, y_ref, 2e-2, "output")
-    for name in ("x", "context", "fc1_lora_A", "fc1_lora_B", "fc2_lora_A", "fc2_lora_B", "router.token_proj.weight"):
+    projections = ("gate", "fc1", "fc2") if gated else ("fc1", "fc2")
+    lora = [f"{n}_lora_{f}" for n in projections for f in ("A", "B")]
+    for name in ("x", "context", *lora, "router.token_proj.weight"):
         assert_close(grads[name], grads_ref[name], 2e-2, f"d{name}")
 
 
@@ -197,17 +210,20 @@ def _record(ran: list, name: str, op, x, *args, **kwargs):
 
 
 @needs_extension
-def test_unfrozen_ffn_gets_the_reference_gradients():
-    """The fc weights are frozen by the layer, but a user may unfreeze them: the op differentiates them too."""
-    layer, reference = make_layers("cpu", d_model=12, d_ff=20)
+@gated_or_plain
+def test_unfrozen_ffn_gets_the_reference_gradients(gated: bool):
+    """The fc weights are frozen by the layer, but a user may unfreeze them: the op differentiates them too
+    (gated: the gate's weights as well)."""
+    layer, reference = make_layers("cpu", d_model=12, d_ff=20, gated=gated)
+    projections = ("gate", "fc1", "fc2") if gated else ("fc1", "fc2")
     for model in (layer, reference):
-        model.fc1.requires_grad_(True)
-        model.fc2.requires_grad_(True)
+        for name in projections:
+            getattr(model, name).requires_grad_(True)
     x, grad_y = torch.randn(2, 9, 12), torch.randn(2, 9, 12)
     y, grads = run_layer(layer, x, None, grad_y)
     y_ref, grads_ref = run_layer(reference, x, None, grad_y)
     assert_close(y, y_ref, 1e-4, "output")
-    for name in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
+    for name in (f"{n}.{w}" for n in projections for w in ("weight", "bias")):
         assert_close(grads[name], grads_ref[name], 1e-4, f"d{name}")
 
 
@@ -247,6 +263,26 @@ def test_bad_input_names_expected_and_received(change, message):
         cpp_ops.lowrank_moe(*args.values())
 
 
+@needs_extension
+@pytest.mark.parametrize("change, message", [
+    (lambda a: a.update(gate_weight=a["gate_weight"][:-1]),
+     r"gate_weight must be \[d_ff, d_model\] = \[40, 16\], got \[39, 16\]"),
+    (lambda a: a.update(gate_B=None), "gate_A and gate_B must be given together, got only A"),
+    (lambda a: a.update(gate_B=a["gate_B"][:, :-1]),
+     r"gate_B must be \[experts, d_ff, rank\] = \[4, 40, 4\], got \[4, 39, 4\]"),
+    (lambda a: a.update(gate_bias=a["gate_bias"].double()), "gate_bias must have x's dtype Float, got Double"),
+    (lambda a: a.update(gate_weight=None), "gate_bias, gate_A and gate_B belong to a gated FFN: they need gate_weight"),
+])
+def test_bad_gate_input_names_expected_and_received(change, message):
+    problem = GatedProblem(Case())
+    names = ["x", "indices", "weights", *GATE, *FROZEN, *GATE_LORA, *LORA, "scale", "activation"]
+    args = dict(zip(names, problem.args()))
+    change(args)
+    plain = [args[n] for n in ("x", "indices", "weights", *FROZEN, *LORA, "scale", "activation")]
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.dasam3.lowrank_moe_fwd(*plain, False, *(args[n] for n in GATE + GATE_LORA))
+
+
 @pytest.mark.parametrize("variant", ["avx2", "default"])
 def test_instruction_set_variant_matches_reference(variant: str):
     """Each library variant (the CI machine would otherwise only ever load its best one), in a process
@@ -256,9 +292,11 @@ def test_instruction_set_variant_matches_reference(variant: str):
     script = (
         "from dasam3_kernels import cpp_ops, load_backend\n"
         "from tests.kernels.cases import EDGE_CASES, Case, check_against_reference\n"
+        "from tests.kernels.test_gated import check_gated\n"
         f"assert cpp_ops.cpu_variant() == {variant!r}, cpp_ops.cpu_variant()\n"
         "for case in EDGE_CASES[:4] + [Case(tokens=150, d_model=12, d_ff=1000, rank=3, activation='silu')]:\n"
         "    check_against_reference(load_backend('cpu').lowrank_moe, case, device='cpu')\n"
+        "    check_gated(load_backend('cpu').gated_moe, case)\n"
     )
     env = {**os.environ, "ATEN_CPU_CAPABILITY": variant}
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
