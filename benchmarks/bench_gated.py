@@ -3,15 +3,16 @@
 x [2, 512, 1024], F = 2816, silu, E = 4, k = 2, r = 8, the gate, fc1 and fc2 adapted.  Contenders:
 
 * dense FFN (gated): `down(silu(gate(x)) ⊙ up(x))` on the frozen W0 (training step: the gradient of x).
-* DAMoE gated (torch path; the fused C++/Triton/CUDA kernels have no gated variant yet): W_g x and W1 x
-  once per token, W2 once on Σ_j p_j h_j, a hand-written backward.
+* DAMoE gated (torch path): W_g x and W1 x once per token, W2 once on Σ_j p_j h_j, a hand-written backward.
+* DAMoE gated (C++): the same layer on the fused C++ CPU kernel (backend "cpu", when it is built): both
+  input products on each token tile, the per-token low-rank terms, activation and k-slot mix in one pass.
 * MixLoRA-style: MixLoRA's algorithm (Li et al., 2024) on the same weights and routing: the base products
   W_g x and W1 x once per token, then per expert its tokens' low-rank terms, activation, and the down
   projection W2 (+ its LoRA) once per expert on that expert's (token, slot) pairs, combined by index_add.
 
 Each contender's output is checked against the reference (the per-expert loop) before it is timed.
 
-    python benchmarks/bench_gated.py --dtype fp32 [--dtype bf16] [--json benchmarks/results/gated.json]
+    python benchmarks/bench_gated.py --dtype fp32 [--dtype bf16] [--json benchmarks/results/gated_cpu.json]
     pytest benchmarks/ --benchmark -k gated
 """
 
@@ -33,6 +34,7 @@ from dasam3.layers import DAMoE
 from dasam3_kernels import aux_losses, load_backend
 from dasam3_kernels.activations import activation_fn
 
+TORCH_PATH, FUSED = "DAMoE gated (torch)", "DAMoE gated (C++)"
 LLAMA_SHAPE = dict(batch=2, tokens=512, d_model=1024, d_ff=2816, experts=4, top_k=2, rank=8, activation="silu")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -86,27 +88,47 @@ def build(dtype: torch.dtype, shape: dict = LLAMA_SHAPE, seed: int = 0) -> dict[
     with torch.no_grad():  # non-zero experts, so the correctness check sees every term
         for param in layer.expert_parameters():
             param.add_(0.02 * torch.randn_like(param))
-    return {
+    contenders = {
         "dense FFN": Contender("dense FFN", DenseGatedFFN(gate, up, down, shape["activation"]), x, grad),
-        "DAMoE gated (torch)": Contender("DAMoE gated (torch)", layer.train(), x, grad),
+        TORCH_PATH: Contender(TORCH_PATH, layer.train(), x, grad),
         "MixLoRA-style": Contender("MixLoRA-style", MixLoRAStyle(layer).train(), x, grad),
     }
+    if fused_kernel_error() is None:
+        contenders[FUSED] = Contender(FUSED, on_backend(layer, "cpu").train(), x, grad)
+    return contenders
+
+
+def fused_kernel_error() -> str | None:
+    """None when the fused C++ kernel is built, else why its contender is left out."""
+    try:
+        load_backend("cpu")
+    except RuntimeError as error:
+        return str(error)
+    return None
+
+
+def on_backend(layer: DAMoE, backend: str) -> DAMoE:
+    """A copy of `layer` (the same weights and router) that runs on `backend`."""
+    twin = copy.deepcopy(layer)
+    twin.backend = backend
+    return twin
 
 
 def check(contenders: dict[str, Contender]) -> dict[str, float]:
-    """Max error relative to the reference's output scale, for the two mixtures."""
-    layer = contenders["DAMoE gated (torch)"].module
-    reference = copy.deepcopy(layer).float()  # the same weights in fp32, on the per-expert loop
-    reference.backend = "reference"
-    x = contenders["DAMoE gated (torch)"].x[:, :128]  # the loop is slow: a slice of the tokens
+    """Max error relative to the reference's output scale, for the mixtures."""
+    layer = contenders[TORCH_PATH].module
+    reference = on_backend(layer, "reference").float()  # the same weights in fp32, on the per-expert loop
+    x = contenders[TORCH_PATH].x[:, :128]  # the loop is slow: a slice of the tokens
     with torch.no_grad():
         expected = reference(x.float())
         return {name: ((contenders[name].module(x).float() - expected).abs().max() / expected.abs().max()).item()
-                for name in ("DAMoE gated (torch)", "MixLoRA-style")}
+                for name in contenders if name != "dense FFN"}
 
 
 def run(dtype: torch.dtype, min_run_time: float = 2.0, clock: str = "wall") -> dict:
     contenders = build(dtype)
+    if FUSED not in contenders:
+        print(f"{FUSED} left out: {fused_kernel_error()}")
     timed = timed_run(contenders, check(contenders), min_run_time, torch.get_num_threads(), clock)
     return {"shape": LLAMA_SHAPE, "dtype": str(dtype).replace("torch.", ""), "hardware": hardware_name("cpu"),
             "threads": timed["threads"], "clock": clock, "load_average": list(os.getloadavg()),
