@@ -57,7 +57,7 @@ struct Act;
 // (the formula of ATen's vectorised erf, |error| < 1.5e-7) with ATen's fast exp, the exponential
 // shared with φ(z) = e^(-z²/2)/√(2π); for double, the accurate erf and exp.
 template <typename V>
-void normal_cdf_and_exp(V z, V& cdf, V& e) {
+C10_ALWAYS_INLINE void normal_cdf_and_exp(V z, V& cdf, V& e) {
   if constexpr (std::is_same_v<typename V::value_type, float>) {
     e = (z * z * V(-0.5f)).exp_u20();
     const V t = V(1.f) / at::vec::fmadd(V(0.3275911f * float(M_SQRT1_2)), z.abs(), V(1.f));
@@ -76,13 +76,13 @@ void normal_cdf_and_exp(V z, V& cdf, V& e) {
 template <>
 struct Act<Activation::kGelu> {  // z Φ(z), the exact erf form
   template <typename V>
-  static V value(V z) {
+  C10_ALWAYS_INLINE static V value(V z) {
     V cdf, e;
     normal_cdf_and_exp(z, cdf, e);
     return z * cdf;
   }
   template <typename V>
-  static void value_and_grad(V z, V& h, V& d) {
+  C10_ALWAYS_INLINE static void value_and_grad(V z, V& h, V& d) {
     V cdf, e;
     normal_cdf_and_exp(z, cdf, e);
     h = z * cdf;
@@ -95,12 +95,12 @@ struct Act<Activation::kGeluTanh> {  // 0.5 z (1 + tanh(√(2/π)(z + 0.044715 z
   static constexpr double kC = 0.7978845608028654;
   static constexpr double kA = 0.044715;
   template <typename V>
-  static V value(V z) {
+  C10_ALWAYS_INLINE static V value(V z) {
     const V tanh = (V(kC) * at::vec::fmadd(V(kA) * z * z, z, z)).tanh();
     return V(0.5) * z * (V(1) + tanh);
   }
   template <typename V>
-  static void value_and_grad(V z, V& h, V& d) {
+  C10_ALWAYS_INLINE static void value_and_grad(V z, V& h, V& d) {
     const V z2 = z * z;
     const V tanh = (V(kC) * at::vec::fmadd(V(kA) * z2, z, z)).tanh();
     const V dinner = V(kC) * at::vec::fmadd(V(3 * kA), z2, V(1));
@@ -112,25 +112,27 @@ struct Act<Activation::kGeluTanh> {  // 0.5 z (1 + tanh(√(2/π)(z + 0.044715 z
 template <>
 struct Act<Activation::kRelu> {
   template <typename V>
-  static V value(V z) {
+  C10_ALWAYS_INLINE static V value(V z) {
     return at::vec::clamp_min(z, V(0));
   }
   template <typename V>
-  static void value_and_grad(V z, V& h, V& d) {
+  C10_ALWAYS_INLINE static void value_and_grad(V z, V& h, V& d) {
     h = at::vec::clamp_min(z, V(0));
     d = z.gt(V(0));  // 1 where z > 0, else 0: torch's relu gradient at 0
   }
 };
 
+// silu and quick_gelu take ATen's inlined exp_u20 (float: a polynomial within a few ulp; double: exp),
+// not Sleef's exp: a call inside the per-token loops spills every vector register on each iteration.
 template <>
 struct Act<Activation::kSilu> {  // z σ(z)
   template <typename V>
-  static V value(V z) {
-    return z / (V(1) + z.neg().exp());
+  C10_ALWAYS_INLINE static V value(V z) {
+    return z / (V(1) + z.neg().exp_u20());
   }
   template <typename V>
-  static void value_and_grad(V z, V& h, V& d) {
-    const V sig = V(1) / (V(1) + z.neg().exp());
+  C10_ALWAYS_INLINE static void value_and_grad(V z, V& h, V& d) {
+    const V sig = V(1) / (V(1) + z.neg().exp_u20());
     h = z * sig;
     d = sig * at::vec::fmadd(z, V(1) - sig, V(1));
   }
@@ -140,12 +142,12 @@ template <>
 struct Act<Activation::kQuickGelu> {  // z σ(1.702 z), CLIP's GELU approximation
   static constexpr double kC = 1.702;
   template <typename V>
-  static V value(V z) {
-    return z / (V(1) + (z * V(-kC)).exp());
+  C10_ALWAYS_INLINE static V value(V z) {
+    return z / (V(1) + (z * V(-kC)).exp_u20());
   }
   template <typename V>
-  static void value_and_grad(V z, V& h, V& d) {
-    const V sig = V(1) / (V(1) + (z * V(-kC)).exp());
+  C10_ALWAYS_INLINE static void value_and_grad(V z, V& h, V& d) {
+    const V sig = V(1) / (V(1) + (z * V(-kC)).exp_u20());
     h = z * sig;
     d = sig * at::vec::fmadd(V(kC) * z, V(1) - sig, V(1));  // σ(cz) (1 + c z (1 − σ(cz)))
   }
@@ -181,10 +183,11 @@ void add_dots_of(const scalar_t* a, const scalar_t* rows, int64_t n, scalar_t co
   for (int i = 0; i < kRows; ++i) out[i] += coeff * reduce_sum(acc[i]);
 }
 
-// out[i] += coeff · Σ_f a[f] rows[i][f] for the r rows of an expert.
+// out[i] += coeff · Σ_f a[f] rows[i][f] for the r rows of an expert, up to 8 rows per pass over a.
 template <typename scalar_t>
 void add_dots(const scalar_t* a, const scalar_t* rows, int64_t r, int64_t n, scalar_t coeff, scalar_t* out) {
   int64_t i = 0;
+  for (; i + 8 <= r; i += 8) add_dots_of<8>(a, rows + i * n, n, coeff, out + i);
   for (; i + 4 <= r; i += 4) add_dots_of<4>(a, rows + i * n, n, coeff, out + i);
   for (; i < r; ++i) add_dots_of<1>(a, rows + i * n, n, coeff, out + i);
 }
@@ -202,14 +205,23 @@ void add_outer(const scalar_t* coeffs, const scalar_t* a, int64_t r, int64_t n, 
   }
 }
 
-// base[f..f+m) + Σ_i coeffs[i] · rows[i][f..f+m): a low-rank correction of one vector of a row.
+// base[f..f+m) + Σ_i coeffs[i] · rows[i][f..f+m): a low-rank correction of one vector of a row.  Four
+// partial sums: one chain of r dependent FMAs would make the per-token loops wait on FMA latency.
 template <typename scalar_t>
-Vectorized<scalar_t> low_rank_add(const scalar_t* base, const scalar_t* coeffs, const scalar_t* rows, int64_t r,
-                                  int64_t n, int64_t f, int64_t m) {
+C10_ALWAYS_INLINE Vectorized<scalar_t> low_rank_add(const scalar_t* base, const scalar_t* coeffs,
+                                                    const scalar_t* rows, int64_t r, int64_t n, int64_t f, int64_t m) {
   using V = Vectorized<scalar_t>;
-  V z = V::loadu(base + f, m);
-  for (int64_t i = 0; i < r; ++i) z = at::vec::fmadd(V(coeffs[i]), V::loadu(rows + i * n + f, m), z);
-  return z;
+  const auto term = [&](int64_t i, V acc) { return at::vec::fmadd(V(coeffs[i]), V::loadu(rows + i * n + f, m), acc); };
+  V z0 = V::loadu(base + f, m), z1(0), z2(0), z3(0);
+  int64_t i = 0;
+  for (; i + 4 <= r; i += 4) {
+    z0 = term(i, z0);
+    z1 = term(i + 1, z1);
+    z2 = term(i + 2, z2);
+    z3 = term(i + 3, z3);
+  }
+  for (; i < r; ++i) z0 = term(i, z0);
+  return (z0 + z1) + (z2 + z3);
 }
 
 // row (=, or += when accumulate) v on m elements at f.
