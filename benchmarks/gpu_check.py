@@ -1,5 +1,6 @@
 """GPU benchmark of the DA-MoE layer: a dense cuBLAS FFN against the torch path, a standard MoE (full
-experts) and the fused Triton path, forward and training step, written as JSON.
+experts) and the fused Triton path, forward and training step, written as JSON; the same for a gated
+FFN (`*_gated`: act(gate x) ⊙ fc1 x, GeGLU with gelu) against the dense gated FFN.
 
     python benchmarks/gpu_check.py --out benchmarks/results/gpu_check.json
 
@@ -128,10 +129,11 @@ def _timed(forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor], grad
     return out
 
 
-def _layer(args, activation: str, backend: str, expert_type: str, device, dtype) -> DAMoE:
+def _layer(args, activation: str, backend: str, expert_type: str, device, dtype, gated: bool = False) -> DAMoE:
     torch.manual_seed(0)
     layer = DAMoE(args.d_model, args.d_ff, num_experts=args.experts, top_k=args.top_k, rank=args.rank,
-                  activation=activation, expert_type=expert_type, backend=backend, device=device, dtype=dtype)
+                  activation=activation, expert_type=expert_type, backend=backend, device=device, dtype=dtype,
+                  gated=gated)
     if expert_type == "lowrank":
         with torch.no_grad():  # non-zero B factors, as after training (the kernels' cost does not depend on it)
             for param in layer.expert_parameters():
@@ -139,21 +141,26 @@ def _layer(args, activation: str, backend: str, expert_type: str, device, dtype)
     return layer
 
 
-# name: (backend, expert_type) of the layer contenders; the dense FFN is timed first, as the baseline.
-LAYER_VARIANTS = {"torch": ("torch", "lowrank"), "standard_moe": ("auto", "full"), "triton": ("triton", "lowrank"),
-                  "cuda": ("cuda", "lowrank")}
+# name: (backend, expert_type, gated) of the layer contenders; the dense FFNs are timed first, as the baselines.
+LAYER_VARIANTS = {"torch": ("torch", "lowrank", False), "standard_moe": ("auto", "full", False),
+                  "triton": ("triton", "lowrank", False), "cuda": ("cuda", "lowrank", False),
+                  "torch_gated": ("torch", "lowrank", True), "triton_gated": ("triton", "lowrank", True)}
 OP_VARIANTS = ("torch", "triton", "cuda")
 
 
-def _dense(args, activation, x, grad_out) -> dict:
-    fc1 = torch.nn.Linear(args.d_model, args.d_ff, device=x.device, dtype=x.dtype).requires_grad_(False)
-    fc2 = torch.nn.Linear(args.d_ff, args.d_model, device=x.device, dtype=x.dtype).requires_grad_(False)
-    act = activation_fn(activation)
+def _dense(args, activation, x, grad_out, gated: bool = False) -> dict:
+    def linear(n_in, n_out):
+        return torch.nn.Linear(n_in, n_out, device=x.device, dtype=x.dtype).requires_grad_(False)
+
+    fc1, fc2, act = linear(args.d_model, args.d_ff), linear(args.d_ff, args.d_model), activation_fn(activation)
+    if gated:
+        gate = linear(args.d_model, args.d_ff)
+        return _timed(lambda: fc2(act(gate(x)) * fc1(x)), [x], grad_out)
     return _timed(lambda: fc2(act(fc1(x))), [x], grad_out)
 
 
-def _layer_variant(args, activation, x, grad_out, backend: str, expert_type: str) -> dict:
-    layer = _layer(args, activation, backend, expert_type, x.device, x.dtype)
+def _layer_variant(args, activation, x, grad_out, backend: str, expert_type: str, gated: bool = False) -> dict:
+    layer = _layer(args, activation, backend, expert_type, x.device, x.dtype, gated)
     leaves = [x, *(p for p in layer.parameters() if p.requires_grad)]
     result = _timed(lambda: layer(x), leaves, grad_out, module=layer)
     result["backend"] = layer.backend if backend != "auto" else \
@@ -191,11 +198,12 @@ def contenders(args, activation, x, grad_out) -> dict:
     def skipped(reason):
         return lambda: {"skipped": reason}
 
-    runs = {("layers", "dense"): lambda: _dense(args, activation, x, grad_out)}
-    for name, (backend, expert_type) in LAYER_VARIANTS.items():
+    runs = {("layers", "dense"): lambda: _dense(args, activation, x, grad_out),
+            ("layers", "dense_gated"): lambda: _dense(args, activation, x, grad_out, gated=True)}
+    for name, (backend, expert_type, gated) in LAYER_VARIANTS.items():
         reason = unavailable(backend, x.device)
         runs["layers", name] = skipped(reason) if reason else \
-            lambda b=backend, e=expert_type: _layer_variant(args, activation, x, grad_out, b, e)
+            lambda b=backend, e=expert_type, g=gated: _layer_variant(args, activation, x, grad_out, b, e, g)
     for name in OP_VARIANTS:
         reason = unavailable(name, x.device)
         runs["ops", name] = skipped(reason) if reason else lambda n=name: _op_variant(args, activation, x, grad_out, n)
@@ -212,6 +220,9 @@ RATIOS = {
     "op_triton_forward_vs_dense": (("ops", "triton", FORWARD), ("layers", "dense", FORWARD)),
     "op_triton_train_vs_dense": (("ops", "triton", TRAIN), ("layers", "dense", TRAIN)),
     "op_torch_vs_triton_forward": (("ops", "torch", FORWARD), ("ops", "triton", FORWARD)),
+    "triton_gated_forward_vs_dense_gated": (("layers", "triton_gated", FORWARD), ("layers", "dense_gated", FORWARD)),
+    "triton_gated_train_vs_dense_gated": (("layers", "triton_gated", TRAIN), ("layers", "dense_gated", TRAIN)),
+    "torch_vs_triton_gated_train": (("layers", "torch_gated", TRAIN), ("layers", "triton_gated", TRAIN)),
 }
 
 

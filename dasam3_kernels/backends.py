@@ -100,7 +100,8 @@ def _load_triton() -> Backend:
             "backend 'triton' is not available: the package `triton` is not installed "
             "(`pip install 'dasam3[triton]'`; it runs on CUDA GPUs, or on the CPU with TRITON_INTERPRET=1)"
         ) from error
-    return Backend("triton", triton_ops.lowrank_moe, route=triton_ops.route, device_error=triton_ops.device_error)
+    return Backend("triton", triton_ops.lowrank_moe, route=triton_ops.route, gated_moe=triton_ops.gated_moe,
+                   device_error=triton_ops.device_error)
 
 
 def _load_extension(device_type: str) -> Backend:

@@ -124,12 +124,15 @@ def _tf32(enabled: bool) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = previous
 
 
-def layer_launches(dtype: torch.dtype, activation: str, atomic: bool, tokens: int, sm_count: int) -> list:
-    """(role, Launch) of one training step of the default layer (both projections adapted, biases),
-    forward and backward, as the Triton backend launches it."""
+def layer_launches(dtype: torch.dtype, activation: str, atomic: bool, tokens: int, sm_count: int,
+                   gated: bool = False) -> list:
+    """(role, Launch) of one training step of the default layer (every projection adapted, biases),
+    forward and backward, as the Triton backend launches it.  gated: only the launches that differ from
+    the plain layer's (the router and fc2's down-projection are the same kernels)."""
     from .triton_backward import up_projection_backward
-    from .triton_common import recording_launches
+    from .triton_common import Gate, recording_launches
     from .triton_down_proj import down_projection
+    from .triton_ops import input_grad
     from .triton_router import route_backward, route_forward
     from .triton_up_proj import up_projection
 
@@ -142,8 +145,10 @@ def layer_launches(dtype: torch.dtype, activation: str, atomic: bool, tokens: in
     x, g = meta(T, D), meta(T, D)
     W1, b1, W2, b2 = meta(F, D), meta(F), meta(D, F), meta(D)
     A1, B1, A2, B2 = meta(E, r, D), meta(E, F, r), meta(E, r, F), meta(E, D, r)
+    gate = Gate(meta(F, D), meta(F), meta(E, r, D), meta(E, F, r)) if gated else None
     router_w, router_b = meta(E, D), meta(E)
     indices, weights, probs = meta(T, k, dt=torch.int64), meta(T, k, dt=torch.float32), meta(T, E, dt=torch.float32)
+    projections = 2 if gated else 1  # the down projections x feeds: fc1 (and the gate)
     roles = []
     with recording_launches(sm_count) as launches, _tf32(dtype == torch.float32):
         def record(role, fn, *args, **kwargs):
@@ -151,14 +156,19 @@ def layer_launches(dtype: torch.dtype, activation: str, atomic: bool, tokens: in
             fn(*args, **kwargs)
             roles.extend((role, launch) for launch in launches[before:])
 
-        record("router", route_forward, x, router_w, router_b, None, k)
-        record("up_projection", up_projection, x, indices, weights, W1, b1, A1, B1, A2, 1.0, activation, atomic)
-        record("down_projection[fc2]", down_projection, meta(T, F), W2.t(), meta(T, E * r, dt=torch.float32),
-               B2.transpose(1, 2), 1.0, b2, weights)
-        record("router_backward", route_backward, weights, probs, x, router_w, indices, weights, probs)
+        if not gated:
+            record("router", route_forward, x, router_w, router_b, None, k)
+        record("up_projection", up_projection, x, indices, weights, W1, b1, A1, B1, A2, 1.0, activation, atomic,
+               gate)
+        if not gated:
+            record("down_projection[fc2]", down_projection, meta(T, F), W2.t(), meta(T, E * r, dt=torch.float32),
+                   B2.transpose(1, 2), 1.0, b2, weights)
+            record("router_backward", route_backward, weights, probs, x, router_w, indices, weights, probs)
         record("backward", up_projection_backward, g, x, indices, weights, W1, b1, W2, A1, B1, A2, B2, 1.0,
-               activation, atomic)
-        record("down_projection[dx]", down_projection, meta(T, F), W1, meta(T, E * r, dt=torch.float32), A1)
+               activation, atomic, gate)
+        down = [(W1, A1)] + ([(gate.weight, gate.A)] if gated else [])
+        record("down_projection[dx]", input_grad, down, meta(T, projections * F),
+               meta(T, projections * E * r, dt=torch.float32))
     return roles
 
 
@@ -193,30 +203,48 @@ def _programs(grid, config: dict) -> int:
 
 def triton_entries(arch: str, dtypes: list[str], activations: list[str], atomics: list[bool],
                    tokens: tuple[int, ...], cubin_dir: Path, configs_per_kernel: int | None = None,
-                   log=print) -> list[Entry]:
-    """Every distinct compilation the layer's launches need on `arch`, one Entry each."""
+                   log=print, ffns: tuple[bool, ...] = (False, True)) -> list[Entry]:
+    """Every distinct compilation the layer's launches need on `arch`, one Entry each (`ffns`: plain
+    (False) and gated (True) layers)."""
     from triton.backends.compiler import GPUTarget
 
     capability, sm_count, shared_limit = ARCHS[arch]
     target = GPUTarget("cuda", capability, 32)
     entries: dict[str, Entry] = {}
     for dtype_name in dtypes:
-        for activation in activations:
-            for atomic in atomics:
-                for T in sorted(tokens):
-                    for role, launch in layer_launches(DTYPES[dtype_name], activation, atomic, T, sm_count):
-                        configs = launch.configs[:configs_per_kernel] if configs_per_kernel else launch.configs
-                        for config in configs:
-                            _add_triton_entry(entries, arch, dtype_name, activation, atomic, T, role, launch,
-                                              config, target, cubin_dir, shared_limit, log)
+        for gated in ffns:
+            for activation in activations:
+                for atomic in atomics:
+                    for T in sorted(tokens):
+                        for role, launch in layer_launches(DTYPES[dtype_name], activation, atomic, T, sm_count,
+                                                           gated):
+                            configs = launch.configs[:configs_per_kernel] if configs_per_kernel else launch.configs
+                            for config in configs:
+                                flags = _flags(role, launch, atomic, gated)
+                                _add_triton_entry(entries, arch, dtype_name, activation, flags, T, role, launch,
+                                                  config, target, cubin_dir, shared_limit, log)
     return list(entries.values())
 
 
-def _add_triton_entry(entries, arch, dtype_name, activation, atomic, T, role, launch, config, target, cubin_dir,
+_BACKWARD_PASSES = {1: "routing+fc1", 2: "gate"}  # triton_backward's SIDE
+
+
+def _flags(role: str, launch, atomic: bool, gated: bool) -> dict:
+    """What tells apart the launches of one role: reductions, a gated FFN, the backward's pass."""
+    flags = {}
+    if role in ("up_projection", "backward"):
+        flags["atomic"] = atomic
+    if role in ("up_projection", "backward", "down_projection[dx]"):
+        flags["gated"] = gated
+    if role == "backward":
+        flags["pass"] = _BACKWARD_PASSES[launch.kwargs["SIDE"]]
+    return flags
+
+
+def _add_triton_entry(entries, arch, dtype_name, activation, flags, T, role, launch, config, target, cubin_dir,
                       shared_limit, log) -> None:
     uses_activation = role in ("up_projection", "backward")
     public = _public_config(launch.kwargs, config)
-    flags = {"atomic": atomic} if role in ("up_projection", "backward") else {}
     key = repr((role, dtype_name, activation if uses_activation else None, flags, sorted(public.items())))
     programs = _programs(launch.grid, {**launch.kwargs, **config})
     if key in entries:  # a larger T: the same binary, a bigger grid
@@ -327,7 +355,7 @@ def budget_violations(entries: list[Entry]) -> list[str]:
     return problems
 
 
-HEADER = (f"{'kernel':<22} {'arch':<5} {'dtype':<5} {'activation':<10} {'config':<34} {'regs':>4} {'spill':>5} "
+HEADER = (f"{'kernel':<36} {'arch':<5} {'dtype':<5} {'activation':<10} {'config':<34} {'regs':>4} {'spill':>5} "
           f"{'smem':>6} {'TC':>5} {'s':>5}")
 
 
@@ -337,9 +365,16 @@ def _config_text(config: dict) -> str:
     return " ".join(f"{short.get(k, k)}{v}" for k, v in config.items())
 
 
+def display_name(e: Entry) -> str:
+    """The kernel's role, and for a gated layer's launches "gated" (and the backward's pass)."""
+    gated = f" gated[{e.flags['pass']}]" if e.flags.get("gated") and "pass" in e.flags else \
+        " gated" if e.flags.get("gated") else ""
+    return e.kernel + gated + (" (atomic)" if e.flags.get("atomic") else "")
+
+
 def format_row(e: Entry) -> str:
-    name = e.kernel + (" (atomic)" if e.flags.get("atomic") else "")
-    return (f"{name:<22} {e.arch:<5} {e.dtype:<5} {e.activation or '-':<10} {_config_text(e.config):<34} "
+    name = display_name(e)
+    return (f"{name:<36} {e.arch:<5} {e.dtype:<5} {e.activation or '-':<10} {_config_text(e.config):<34} "
             f"{e.registers:>4} {e.spill_bytes:>5} {e.shared_bytes:>6} {e.tensor_core_instructions:>5} "
             f"{e.compile_s:>5.1f}")
 
@@ -348,7 +383,7 @@ def markdown_table(entries: list[Entry]) -> str:
     lines = ["| kernel | arch | dtype | activation | config | registers | spill bytes | shared bytes | "
              "tensor-core instr. |", "|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
-        name = e.kernel + (" (atomic)" if e.flags.get("atomic") else "")
+        name = display_name(e)
         lines.append(f"| {name} | {e.arch} | {e.dtype} | {e.activation or '-'} | {_config_text(e.config)} | "
                      f"{e.registers} | {e.spill_bytes} | {e.shared_bytes} | {e.tensor_core_instructions} |")
     return "\n".join(lines)
@@ -364,14 +399,16 @@ def check_compiler_mode() -> None:
 
 
 def report(arch: str, *, dtypes: list[str], activations: list[str], atomics: list[bool], tokens=TOKENS,
-           cubin_dir: Path, configs_per_kernel: int | None = None, cuda: bool = True, log=print) -> list[Entry]:
-    """Entries for `arch`: the Triton configs, then the CUDA extension's kernels when it is built."""
+           cubin_dir: Path, configs_per_kernel: int | None = None, cuda: bool = True, log=print,
+           ffns: tuple[bool, ...] = (False, True)) -> list[Entry]:
+    """Entries for `arch`: the Triton configs (plain and/or gated layers: `ffns`), then the CUDA
+    extension's kernels when it is built."""
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
     check_compiler_mode()
     cubin_dir.mkdir(parents=True, exist_ok=True)
     log(HEADER)
-    entries = triton_entries(arch, dtypes, activations, atomics, tokens, cubin_dir, configs_per_kernel, log)
+    entries = triton_entries(arch, dtypes, activations, atomics, tokens, cubin_dir, configs_per_kernel, log, ffns)
     library = cuda_library() if cuda else None
     if library is not None:
         for e in cuda_entries(arch, library, cubin_dir):

@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from .torch_path import stack_down
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -59,6 +61,31 @@ def kernel_dtypes(dtype: torch.dtype) -> tuple[tl.dtype, tl.dtype]:
     if dtype == torch.float64:
         return tl.float64, tl.float64
     return (tl.float32 if INTERPRET else _DOT_DTYPES[dtype]), tl.float32
+
+
+class Gate(NamedTuple):
+    """The gate projection of a gated FFN (SwiGLU/GeGLU, h = act(g) ⊙ u): weight [F, D], bias [F] or None,
+    lora factors A [E, r, D] and B [E, F, r] or None (not adapted)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    A: torch.Tensor | None
+    B: torch.Tensor | None
+
+
+def lora_shrink(x: torch.Tensor, factors: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """x Aᵀ of the adapted down factors among `factors` (fc1's A1, then the gate's Ag), every expert
+    stacked: [T, n·E·r] in x's dtype, one small GEMM for all (None when none is adapted)."""
+    stacked = [stack_down(A) for A in factors if A is not None]
+    return None if not stacked else x @ torch.cat(stacked).t()
+
+
+def lora_columns(stacked: torch.Tensor, adapted: tuple[bool, bool], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fc1's, the gate's) columns of a `[..., n·E·r]` tensor laid out as `lora_shrink`'s; a projection
+    that is not adapted gets the whole tensor, which its kernel never reads (same strides either way)."""
+    fc1, gate = adapted
+    return (stacked[..., :width] if fc1 else stacked,
+            stacked[..., width * fc1:width * (fc1 + gate)] if gate else stacked)
 
 
 def block(n: int, lo: int, hi: int) -> int:

@@ -11,7 +11,8 @@ import tempfile
 from pathlib import Path
 
 # The representative subset CI compiles: bf16 in every autotune config, fp16 in the first config of
-# each kernel; the layer's default activation; deterministic reductions; the larger benchmark shape.
+# each kernel; plain and gated layers; the layer's default activation (gated: silu, SwiGLU's);
+# deterministic reductions; the larger benchmark shape.
 CI_SUBSET = ({"dtypes": ["bf16"], "configs_per_kernel": None}, {"dtypes": ["fp16"], "configs_per_kernel": 1})
 
 
@@ -28,8 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reductions", nargs="+", choices=("deterministic", "atomic"),
                         default=["deterministic", "atomic"])
     parser.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
+    parser.add_argument("--ffn", nargs="+", choices=("plain", "gated"), default=["plain", "gated"],
+                        help="the layers compiled: plain FFN experts, gated (SwiGLU/GeGLU) ones")
     parser.add_argument("--subset", choices=("ci",), default=None,
-                        help="ci: bf16 in every config and fp16 in one, gelu, deterministic, T = 16384")
+                        help="ci: bf16 in every config and fp16 in one, plain (gelu) and gated (silu) layers, "
+                             "deterministic, T = 16384")
     parser.add_argument("--cubin-dir", type=Path, default=None,
                         help="where the cubins go (default: beside --json, else a temporary directory)")
     parser.add_argument("--no-cuda", action="store_true", help="leave out the CUDA extension's kernels")
@@ -43,13 +47,15 @@ def _entries(args: argparse.Namespace, arch: str, cubin_dir: Path) -> list:
     if args.subset == "ci":
         entries = []
         for part in CI_SUBSET:
-            entries += static_report.report(arch, activations=["gelu"], atomics=[False], tokens=(16384,),
-                                            cubin_dir=cubin_dir, cuda=not args.no_cuda and part is CI_SUBSET[0],
-                                            **part)
+            for gated, activation in ((False, "gelu"), (True, "silu")):
+                cuda = not args.no_cuda and part is CI_SUBSET[0] and not gated
+                entries += static_report.report(arch, activations=[activation], atomics=[False], tokens=(16384,),
+                                                cubin_dir=cubin_dir, cuda=cuda, ffns=(gated,), **part)
         return entries
     return static_report.report(arch, dtypes=args.dtypes, activations=args.activations,
                                 atomics=[r == "atomic" for r in args.reductions], tokens=tuple(args.tokens),
-                                cubin_dir=cubin_dir, cuda=not args.no_cuda)
+                                cubin_dir=cubin_dir, cuda=not args.no_cuda,
+                                ffns=tuple(f == "gated" for f in args.ffn))
 
 
 def run(args: argparse.Namespace) -> int:
