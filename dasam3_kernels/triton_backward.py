@@ -37,7 +37,7 @@ import triton.language as tl
 from .torch_path import stack_up
 from .triton_common import (INTERPRET, Gate, activation_and_grad, autotuned, block, dot_precision, factor_offsets,
                             kernel_dtypes, launch, load_slot, load_stacked, load_tile, lora_columns, lora_expand,
-                            lora_shrink, multiprocessor_count, pick_kernel, stacked_width)
+                            lora_layout, lora_shrink, multiprocessor_count, pick_kernel, stacked_width)
 
 
 @triton.jit
@@ -126,6 +126,8 @@ def _backward_kernel(
             experts = tl.load(idx_ptr + rows * stride_it + j * stride_ij, mask=mask_t, other=-1)
             seg_t = ((offs_c[:, None] // RANK) == experts[None, :]) & mask_c[:, None]  # [E·r, BT]
             # The slot's inputs are loaded in the slot (L1/L2 hits), not kept live across the slots.
+            # fc1's and the gate's pre-activations: inline, not one helper for both (a helper loading its B
+            # tile in the slot spilled on sm_80).
             z = tl.load(pre_ptr + frozen_offs, mask=mask_tf, other=0.0)
             if HAS_BIAS:
                 z += b1[None, :]
@@ -266,9 +268,7 @@ def up_projection_backward(grad_y: torch.Tensor, x: torch.Tensor, indices: torch
     T, F = x.shape[0], fc1_weight.shape[0]
     gated = gate is not None
     gate_A, gate_B = (gate.A, gate.B) if gated else (None, None)
-    factor = next((f for f in (fc1_A, gate_A, fc2_A) if f is not None), None)
-    E, R = (factor.shape[0], factor.shape[1]) if factor is not None else (1, 1)
-    adapted = (fc1_A is not None, gate_A is not None)
+    E, R, adapted = lora_layout(fc1_A, fc2_A, gate)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     block_f = _f_block(F)
     f_tiles = triton.cdiv(F, block_f)

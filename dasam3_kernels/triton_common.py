@@ -73,6 +73,16 @@ class Gate(NamedTuple):
     B: torch.Tensor | None
 
 
+def lora_layout(fc1_A: torch.Tensor | None, fc2_A: torch.Tensor | None,
+                gate: Gate | None) -> tuple[int, int, tuple[bool, bool]]:
+    """(E, r, adapted): experts and rank of the lora factors ((1, 1) when there are none), and whether fc1
+    and the gate have down factors (`lora_shrink`'s columns, in that order)."""
+    gate_A = None if gate is None else gate.A
+    factor = next((f for f in (fc1_A, gate_A, fc2_A) if f is not None), None)
+    E, R = (factor.shape[0], factor.shape[1]) if factor is not None else (1, 1)
+    return E, R, (fc1_A is not None, gate_A is not None)
+
+
 def lora_shrink(x: torch.Tensor, factors: list[torch.Tensor | None]) -> torch.Tensor | None:
     """x Aᵀ of the adapted down factors among `factors` (fc1's A1, then the gate's Ag), every expert
     stacked: [T, n·E·r] in x's dtype, one small GEMM for all (None when none is adapted)."""

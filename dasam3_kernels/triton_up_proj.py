@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 
 from .triton_common import (INTERPRET, Gate, activation, autotuned, block, dot_precision, kernel_dtypes, launch,
-                            load_slot, load_stacked, load_tile, lora_columns, lora_expand, lora_shrink, pick_kernel,
-                            stacked_width)
+                            load_slot, load_stacked, load_tile, lora_columns, lora_expand, lora_layout, lora_shrink,
+                            pick_kernel, stacked_width)
 
 
 @triton.jit
@@ -132,9 +132,7 @@ def up_projection(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
     F = fc1_weight.shape[0]
     gated = gate is not None
     gate_A, gate_B = (gate.A, gate.B) if gated else (None, None)
-    factor = next((f for f in (fc1_A, gate_A, fc2_A) if f is not None), None)
-    E, R = (factor.shape[0], factor.shape[1]) if factor is not None else (1, 1)
-    adapted = (fc1_A is not None, gate_A is not None)
+    E, R, adapted = lora_layout(fc1_A, fc2_A, gate)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     m = torch.empty(T, F, device=x.device, dtype=x.dtype)
     block_f = _f_block(F, gated)
