@@ -127,12 +127,12 @@ def check_contenders(contenders: dict[str, Contender]) -> dict[str, float]:
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], min_run_time: float = 1.0,
-                        min_repeats: int = 5, clock: str = "wall") -> dict[str, float]:
-    """Median time in ms (`clock`: a CLOCKS name) of each function, after one warm-up call each, the
-    functions run in turn (round robin) so that load from other processes hits them alike; CUDA
-    synchronised around calls.  Rounds continue until every function has `min_repeats` runs and the
-    slowest `min_run_time` seconds."""
+def interleaved_times(fns: dict[str, Callable[[], object]], min_run_time: float = 1.0,
+                      min_repeats: int = 5, clock: str = "wall") -> dict[str, list[float]]:
+    """Each function's time in seconds (`clock`: a CLOCKS name) per round, after one warm-up call each:
+    every round runs each function once, in turn (round robin), so that load from other processes hits
+    them alike; CUDA synchronised around calls.  Rounds continue until every function has `min_repeats`
+    runs and the slowest `min_run_time` seconds."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     now = CLOCKS[clock]
     for fn in fns.values():
@@ -145,7 +145,21 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], min_run_time: floa
             fn()
             sync()
             times[name].append(now() - start)
+    return times
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], min_run_time: float = 1.0,
+                        min_repeats: int = 5, clock: str = "wall") -> dict[str, float]:
+    """Median time in ms of each function over the rounds of `interleaved_times`."""
+    times = interleaved_times(fns, min_run_time, min_repeats, clock)
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+
+
+def paired_ratios(times: dict[str, list[float]], baseline: str) -> dict[str, float]:
+    """Each function's time over the baseline's, as the median over rounds of the ratio within a round:
+    the two ran a moment apart, so load that drifts between rounds cancels in the pair (a ratio of
+    medians can pair a quiet round with a loaded one)."""
+    return {name: statistics.median(t / b for t, b in zip(ts, times[baseline])) for name, ts in times.items()}
 
 
 def run(shape: BenchShape = BenchShape(), device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -177,16 +191,19 @@ def _load_average() -> list[float] | None:
 
 def timed_run(contenders: dict[str, Contender], errors: dict[str, float], min_run_time: float,
                threads: int, clock: str) -> dict:
+    """Forward and training step of every contender, interleaved round by round on `threads` threads:
+    each one's median time and its paired ratio (`paired_ratios`) to the dense FFN."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        forward = interleaved_medians({n: c.forward for n, c in contenders.items()}, min_run_time, clock=clock)
-        train = interleaved_medians({n: c.train_step for n, c in contenders.items()}, min_run_time, clock=clock)
+        forward = interleaved_times({n: c.forward for n, c in contenders.items()}, min_run_time, clock=clock)
+        train = interleaved_times({n: c.train_step for n, c in contenders.items()}, min_run_time, clock=clock)
     finally:
         torch.set_num_threads(previous)
-    rows = [{"name": name, "forward_ms": forward[name], "train_step_ms": train[name],
-             "forward_ratio": forward[name] / forward["dense FFN"],
-             "train_step_ratio": train[name] / train["dense FFN"],
+    forward_ratio, train_ratio = paired_ratios(forward, "dense FFN"), paired_ratios(train, "dense FFN")
+    rows = [{"name": name, "forward_ms": 1e3 * statistics.median(forward[name]),
+             "train_step_ms": 1e3 * statistics.median(train[name]),
+             "forward_ratio": forward_ratio[name], "train_step_ratio": train_ratio[name],
              "max_rel_error_vs_reference": errors.get(name)} for name in contenders]
     return {"threads": threads, "rows": rows, "fastest": fastest_damoe_backends(rows)}
 
@@ -237,7 +254,8 @@ def format_report(result: dict) -> str:
         f"x [{shape['batch']}, {shape['tokens']}, {shape['d_model']}], F = {shape['d_ff']}, E = {shape['experts']}, "
         f"k = {shape['top_k']}, r = {shape['rank']}, {shape['activation']}, {result['precision']}, "
         f"{result['device']} ({result['hardware']}), torch {result['torch']}",
-        f"median {result['clock']} time, contenders interleaved; load average at the end: {result['load_average']}",
+        f"median {result['clock']} time, contenders interleaved round by round; x dense: the median of the "
+        f"per-round ratios; load average at the end: {result['load_average']}",
     ]
     if result["isa"]:
         lines.append(result["isa"])

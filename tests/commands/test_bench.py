@@ -63,3 +63,12 @@ def test_interleaved_medians_time_each_function_in_turn(clock: str):
                                             min_run_time=0.0, min_repeats=3, clock=clock)
     assert calls == ["a", "b"] * 4  # one warm-up each, then three rounds
     assert set(medians) == {"a", "b"} and all(ms >= 0 for ms in medians.values())
+
+
+def test_paired_ratios_pair_each_round_with_its_baseline():
+    # Load drifts between rounds: the contender took twice the baseline's time in two rounds of three,
+    # which the ratio of the medians (2 / 10) misses and the median of the per-round ratios finds.
+    times = {"dense": [1.0, 10.0, 10.0], "other": [2.0, 2.0, 20.0]}
+    ratios = benchmark.paired_ratios(times, "dense")
+    assert ratios["dense"] == 1.0
+    assert ratios["other"] == pytest.approx(2.0)
