@@ -28,8 +28,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <numeric>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 namespace dasam3 {
 namespace {
@@ -522,6 +524,22 @@ void input_products(at::Tensor& pre, const at::Tensor& x_tile, const at::Tensor&
   at::mm_out(gate_half, x_tile, Wg.t());
 }
 
+// The tokens t0..t0+n of a tile in the order the per-token pass takes them: grouped by their first two
+// experts (as a set), so consecutive tokens read the same experts' factor rows from L2.  The per-token
+// pass reads r rows of F floats per slot and adapted projection (3·E·r·F floats for all experts: 1 MiB
+// at E = 4, r = 8, F = 2816, L2's size on this EPYC); one pair's rows fit.  Gated bf16 forward at that
+// shape: the kernel's own per-token work 7.3 -> 6.6 ms (torch.profiler, 3 alternated runs).
+template <typename scalar_t>
+void tokens_by_experts(const Experts<scalar_t>& X, int64_t t0, int64_t n, std::vector<int64_t>& order) {
+  const auto pair = [&](int64_t t) {
+    const int64_t a = X.expert(t, 0), b = X.top_k > 1 ? X.expert(t, 1) : a;
+    return std::min(a, b) * X.experts + std::max(a, b);
+  };
+  order.resize(n);
+  std::iota(order.begin(), order.end(), t0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t s, int64_t t) { return pair(s) < pair(t); });
+}
+
 template <typename scalar_t, typename acc_t, Activation A, bool kGated>
 void forward_tiles(const Experts<acc_t>& X, ForwardTensors& ts) {
   const int64_t T = ts.x.size(0), F = X.d_ff, P = kGated ? 2 * F : F, rows = tile_rows(T, F);
@@ -533,12 +551,15 @@ void forward_tiles(const Experts<acc_t>& X, ForwardTensors& ts) {
     at::Tensor rows_acc = at::empty({2 * F + P}, opts.dtype(c10::CppTypeToScalarType<acc_t>::value));
     acc_t* h_row = rows_acc.data_ptr<acc_t>();
     const acc_t* b1 = ptr_or_null<acc_t>(ts.b1);
+    std::vector<int64_t> order;
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t t0 = tile * rows, n = std::min(rows, T - t0);
       at::Tensor pre = ts.pre.defined() ? ts.pre.narrow(0, t0, n) : pre_scratch.narrow(0, 0, n);
       at::Tensor x_tile = ts.x.narrow(0, t0, n), y = ts.y.narrow(0, t0, n), m = mixed.narrow(0, 0, n);
       input_products(pre, x_tile, ts.W1, ts.Wg);
-      for (int64_t t = 0; t < n; ++t) {
+      tokens_by_experts(X, t0, n, order);
+      for (const int64_t token : order) {
+        const int64_t t = token - t0;
         scalar_t* m_row = row_of<scalar_t>(m, t, F);
         scalar_t* pre_row = row_of<scalar_t>(pre, t, P);
         acc_t* mixed_acc = accumulator_row(m_row, h_row + F);
@@ -548,8 +569,8 @@ void forward_tiles(const Experts<acc_t>& X, ForwardTensors& ts) {
           add_row(b1, pre_acc, P);
           if (ts.pre.defined()) store_row(pre_acc, pre_row, P);  // the saved pre-activation includes b1
         }
-        forward_token<acc_t, A, kGated>(X, t0 + t, pre_acc, mixed_acc,
-                                        row_of<acc_t>(ts.V, t0 + t, X.experts * X.rank), h_row);
+        forward_token<acc_t, A, kGated>(X, token, pre_acc, mixed_acc,
+                                        row_of<acc_t>(ts.V, token, X.experts * X.rank), h_row);
         store_row(mixed_acc, m_row, F);
       }
       at::mm_out(y, m, ts.W2.t());
