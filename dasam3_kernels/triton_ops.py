@@ -264,13 +264,6 @@ def _lowrank_moe_autograd_backward(ctx, grad_y, _grad_mixed, _grad_lora_mid):
 _lowrank_moe_op.register_autograd(_lowrank_moe_autograd_backward, setup_context=_lowrank_moe_setup_context)
 
 
-def _check_layer_args(activation: str, x: Tensor, indices: Tensor, weights: Tensor) -> None:
-    check_activation(activation)
-    if x.dim() != 2 or indices.shape != weights.shape or indices.shape[0] != x.shape[0]:
-        raise ValueError(f"expected x [T, D] and indices, weights [T, k], got shapes {tuple(x.shape)}, "
-                         f"{tuple(indices.shape)}, {tuple(weights.shape)}")
-
-
 def lowrank_moe(x: Tensor, indices: Tensor, weights: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None,
                 fc2_weight: Tensor, fc2_bias: Tensor | None, fc1_A: Tensor | None, fc1_B: Tensor | None,
                 fc2_A: Tensor | None, fc2_B: Tensor | None, scale: float, activation: str, *,
@@ -281,10 +274,20 @@ def lowrank_moe(x: Tensor, indices: Tensor, weights: Tensor, fc1_weight: Tensor,
     fc1_B: [E, F, r], fc2_A: [E, r, F], fc2_B: [E, D, r] (None: not adapted).  Returns y: [T, D].
     `atomic` (default: DASAM3_TRITON_ATOMICS=1) trades the deterministic split reductions for float atomics.
     """
-    _check_layer_args(activation, x, indices, weights)
+    return _mixture(x, indices, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc1_A, fc1_B, fc2_A, fc2_B,
+                    scale, activation, atomic)
+
+
+def _mixture(x, indices, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc1_A, fc1_B, fc2_A, fc2_B, scale,
+             activation, atomic, *gate) -> Tensor:
+    """The op's forward output for both layer kinds; `gate`: (W_g, b_g, A_g, B_g), empty for a plain FFN."""
+    check_activation(activation)
+    if x.dim() != 2 or indices.shape != weights.shape or indices.shape[0] != x.shape[0]:
+        raise ValueError(f"expected x [T, D] and indices, weights [T, k], got shapes {tuple(x.shape)}, "
+                         f"{tuple(indices.shape)}, {tuple(weights.shape)}")
     atomic = ATOMIC_REDUCTIONS if atomic is None else atomic
     y, _, _ = _lowrank_moe_op(x, indices, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc1_A, fc1_B,
-                              fc2_A, fc2_B, float(scale), activation, bool(atomic))
+                              fc2_A, fc2_B, float(scale), activation, bool(atomic), *gate)
     return y
 
 
@@ -297,12 +300,8 @@ def gated_moe(x: Tensor, indices: Tensor, weights: Tensor, gate_weight: Tensor, 
     of `reference.gated_moe_reference`.  As `lowrank_moe`, plus gate_weight: [F, D], gate_bias: [F],
     gate_A: [E, r, D], gate_B: [E, F, r] (None: the gate is not adapted).  Returns y: [T, D].
     """
-    _check_layer_args(activation, x, indices, weights)
     if gate_weight.shape != fc1_weight.shape:
         raise ValueError(f"gate_weight must have fc1_weight's shape {tuple(fc1_weight.shape)}, "
                          f"got {tuple(gate_weight.shape)}")
-    atomic = ATOMIC_REDUCTIONS if atomic is None else atomic
-    y, _, _ = _lowrank_moe_op(x, indices, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc1_A, fc1_B,
-                              fc2_A, fc2_B, float(scale), activation, bool(atomic), gate_weight, gate_bias, gate_A,
-                              gate_B)
-    return y
+    return _mixture(x, indices, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc1_A, fc1_B, fc2_A, fc2_B,
+                    scale, activation, atomic, gate_weight, gate_bias, gate_A, gate_B)
