@@ -266,12 +266,15 @@ inline at::Tensor cast_like(const at::Tensor& t, const c10::optional<at::Tensor>
 inline at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
 
 // The gradients (dA [E, r, D], dB [E, F, r]) of a pair adapting an input projection (fc1 or the gate),
-// in the factors' dtype: grad_U = dL/d(x Aᵀ) [T, E·r], grad_Bt = the gradient of s·Bᵀ without s [E·r, F].
-inline std::array<at::Tensor, 2> input_pair_grads(const MoeSizes& s, double scale, const at::Tensor& x_compute,
+// in the factors' dtype: grad_U = dL/d(x Aᵀ) [T, E·r], grad_Bt = the gradient of s·Bᵀ without s [E·r, F];
+// dA = grad_Uᵀ x in x_products's dtype.
+inline std::array<at::Tensor, 2> input_pair_grads(const MoeSizes& s, double scale, const at::Tensor& x_products,
                                                   const at::Tensor& grad_U, const at::Tensor& grad_Bt,
                                                   const c10::optional<at::Tensor>& A,
                                                   const c10::optional<at::Tensor>& B) {
-  const at::Tensor dA = at::mm(grad_U.t(), x_compute).view({s.experts, s.rank, s.d_model});
+  const at::Tensor dA = at::mm(grad_U.t().to(x_products.scalar_type()), x_products)
+                            .to(grad_Bt.scalar_type())
+                            .view({s.experts, s.rank, s.d_model});
   const at::Tensor dB = (grad_Bt.view({s.experts, s.rank, s.d_ff}) * scale).transpose(1, 2).contiguous();
   return {cast_like(dA, A), cast_like(dB, B)};
 }
@@ -279,7 +282,9 @@ inline std::array<at::Tensor, 2> input_pair_grads(const MoeSizes& s, double scal
 // The lora factors' gradients (dA1, dB1, dA2, dB2, dA_g, dB_g) in their own layouts and dtypes, from what
 // the fused backward accumulated in the compute dtype: grad_U = dL/dU [T, u_width] (U's layout),
 // grad_B1t / grad_Bgt = the gradients of B1t / Bgt without s [E·r, F], grad_A2 [E·r, F]; dB2 = s gᵀ V
-// needs only g and the saved V.  Fresh empty tensors (x's options) for a projection that is not adapted.
+// needs only g and the saved V.  The products with x and g run in g's dtype (the compute dtype, or bf16
+// where the CPU kernel multiplies in bf16).  Fresh empty tensors (x's options) for a projection that is
+// not adapted.
 inline std::array<at::Tensor, 6> factor_grads(const MoeSizes& s, double scale, const at::Tensor& x,
                                               const at::Tensor& g, const at::Tensor& V, const at::Tensor& grad_U,
                                               const at::Tensor& grad_B1t, const at::Tensor& grad_A2,
@@ -290,17 +295,17 @@ inline std::array<at::Tensor, 6> factor_grads(const MoeSizes& s, double scale, c
                                               const at::Tensor& grad_Bgt = at::Tensor(),
                                               const c10::optional<at::Tensor>& gate_A = c10::nullopt,
                                               const c10::optional<at::Tensor>& gate_B = c10::nullopt) {
-  const auto compute = g.scalar_type();
+  const auto products = g.scalar_type(), compute = compute_dtype(products);
   const int64_t Er = s.experts * s.rank;
   std::array<at::Tensor, 6> grads;
-  const at::Tensor xc = s.u_width() > 0 ? contiguous_as(x, compute) : at::Tensor();
+  const at::Tensor xc = s.u_width() > 0 ? contiguous_as(x, products) : at::Tensor();
   if (s.adapt_fc1) {
     const auto pair = input_pair_grads(s, scale, xc, grad_U.narrow(1, 0, Er), grad_B1t, fc1_A, fc1_B);
     grads[0] = pair[0], grads[1] = pair[1];
   }
   if (s.adapt_fc2) {
     grads[2] = cast_like(grad_A2.view({s.experts, s.rank, s.d_ff}), fc2_A);
-    grads[3] = cast_like(unstack_up(at::mm(g.t(), contiguous_as(V, compute)) * scale, s), fc2_B);
+    grads[3] = cast_like(unstack_up(at::mm(g.t(), contiguous_as(V, products)).to(compute) * scale, s), fc2_B);
   }
   if (s.adapt_gate) {
     const auto pair = input_pair_grads(s, scale, xc, grad_U.narrow(1, s.adapt_fc1 ? Er : 0, Er), grad_Bgt, gate_A,

@@ -172,60 +172,92 @@ inline void for_each_vector(int64_t n, const Fn& fn) {
   if (f < n) fn(f, n - f);
 }
 
-// out[i] += coeff · Σ_f a[f] rows[i][f] for i < kRows: kRows dot products sharing the loads of a.
-template <int kRows, typename scalar_t>
-void add_dots_of(const scalar_t* a, const scalar_t* rows, int64_t n, scalar_t coeff, scalar_t* out) {
+// The per-token passes take up to two (token, k-slot) pairs routed to the same expert at once ("slots"):
+// each of that expert's factor vectors is then read once, from L2, for both.  Those reads, not the
+// arithmetic, bound these passes.  The helpers below take kN rows (kN = 1 or 2) that share the factor rows.
+
+// out[a][i] += coeff[a] · Σ_f x[a][f] rows[i][f] for i < kRows, a < kN: kRows·kN dot products sharing
+// the loads of the rows and of the x[a].
+template <int kRows, int kN, typename scalar_t>
+void add_dots_of(const scalar_t* const* x, const scalar_t* rows, int64_t n, const scalar_t* coeff,
+                 scalar_t* const* out) {
   using V = Vectorized<scalar_t>;
-  V acc[kRows];
-  std::fill(acc, acc + kRows, V(0));
+  V acc[kN][kRows];
+  for (auto& of_x : acc) std::fill(of_x, of_x + kRows, V(0));
   for_each_vector<scalar_t>(n, [&](int64_t f, auto m) {
-    const V av = V::loadu(a + f, m);
-    for (int i = 0; i < kRows; ++i) acc[i] = at::vec::fmadd(av, V::loadu(rows + i * n + f, m), acc[i]);
+    V xv[kN];
+    for (int a = 0; a < kN; ++a) xv[a] = V::loadu(x[a] + f, m);
+    for (int i = 0; i < kRows; ++i) {
+      const V row = V::loadu(rows + i * n + f, m);
+      for (int a = 0; a < kN; ++a) acc[a][i] = at::vec::fmadd(xv[a], row, acc[a][i]);
+    }
   });
-  for (int i = 0; i < kRows; ++i) out[i] += coeff * reduce_sum(acc[i]);
+  for (int a = 0; a < kN; ++a) {
+    for (int i = 0; i < kRows; ++i) out[a][i] += coeff[a] * reduce_sum(acc[a][i]);
+  }
 }
 
-// out[i] += coeff · Σ_f a[f] rows[i][f] for the r rows of an expert, up to 8 rows per pass over a.
-template <typename scalar_t>
-void add_dots(const scalar_t* a, const scalar_t* rows, int64_t r, int64_t n, scalar_t coeff, scalar_t* out) {
+// out[a][i] += coeff[a] · Σ_f x[a][f] rows[i][f] for the r rows of an expert, 8 / kN rows per pass over
+// the x[a] (8 accumulators: with the loads they fit AVX2's 16 registers).
+template <int kN, typename scalar_t>
+void add_dots(const scalar_t* const* x, const scalar_t* rows, int64_t r, int64_t n, const scalar_t* coeff,
+              scalar_t* const* out) {
+  scalar_t* out_at[kN];
+  const auto pass = [&](auto rows_per_pass, int64_t i) {
+    for (int a = 0; a < kN; ++a) out_at[a] = out[a] + i;
+    add_dots_of<decltype(rows_per_pass)::value, kN>(x, rows + i * n, n, coeff, out_at);
+  };
   int64_t i = 0;
-  for (; i + 8 <= r; i += 8) add_dots_of<8>(a, rows + i * n, n, coeff, out + i);
-  for (; i + 4 <= r; i += 4) add_dots_of<4>(a, rows + i * n, n, coeff, out + i);
-  for (; i < r; ++i) add_dots_of<1>(a, rows + i * n, n, coeff, out + i);
+  for (; i + 8 / kN <= r; i += 8 / kN) pass(std::integral_constant<int, 8 / kN>{}, i);
+  for (; i + 4 / kN <= r; i += 4 / kN) pass(std::integral_constant<int, 4 / kN>{}, i);
+  for (; i < r; ++i) pass(std::integral_constant<int, 1>{}, i);
 }
 
-// rows[i][f] += coeffs[i] · a[f] for i < r: one token's rank-r outer-product update.
-template <typename scalar_t>
-void add_outer(const scalar_t* coeffs, const scalar_t* a, int64_t r, int64_t n, scalar_t* rows) {
+// rows[i][f] += Σ_a coeffs[a][i] · x[a][f] for i < r: kN rank-r outer-product updates, each row read
+// and written once for all of them.
+template <int kN, typename scalar_t>
+void add_outer(const scalar_t* const* coeffs, const scalar_t* const* x, int64_t r, int64_t n, scalar_t* rows) {
   using V = Vectorized<scalar_t>;
   for (int64_t i = 0; i < r; ++i) {
-    const V c(coeffs[i]);
+    V c[kN];
+    for (int a = 0; a < kN; ++a) c[a] = V(coeffs[a][i]);
     scalar_t* row = rows + i * n;
     for_each_vector<scalar_t>(n, [&](int64_t f, auto m) {
-      at::vec::fmadd(c, V::loadu(a + f, m), V::loadu(row + f, m)).store(row + f, m);
+      V acc = V::loadu(row + f, m);
+      for (int a = 0; a < kN; ++a) acc = at::vec::fmadd(c[a], V::loadu(x[a] + f, m), acc);
+      acc.store(row + f, m);
     });
   }
 }
 
-// base[f..f+m) + Σ_i coeffs[i] · rows[i][f..f+m): a low-rank correction of one vector of a row.  Four
-// partial sums: one chain of r dependent FMAs would make the per-token loops wait on FMA latency.
-template <typename scalar_t>
-C10_ALWAYS_INLINE Vectorized<scalar_t> low_rank_add(const scalar_t* base, const scalar_t* coeffs,
-                                                    const scalar_t* rows, int64_t r, int64_t n, int64_t f, int64_t m) {
+// out[a] = base[a][f..f+m) + Σ_i coeffs[a][i] · rows[i][f..f+m) for a < kN: the low-rank corrections of
+// one vector of kN rows by the same factor rows.  4 / kN partial sums per row: one chain of r dependent
+// FMAs would make the per-token loops wait on FMA latency.  coeffs may be null when r = 0.
+template <int kN, typename scalar_t>
+C10_ALWAYS_INLINE void low_rank_add(const scalar_t* const* base, const scalar_t* const* coeffs, const scalar_t* rows,
+                                    int64_t r, int64_t n, int64_t f, int64_t m, Vectorized<scalar_t>* out) {
   using V = Vectorized<scalar_t>;
-  const auto term = [&](int64_t i, V acc) { return at::vec::fmadd(V(coeffs[i]), V::loadu(rows + i * n + f, m), acc); };
-  V z0 = V::loadu(base + f, m), z1(0), z2(0), z3(0);
-  int64_t i = 0;
-  for (; i + 4 <= r; i += 4) {
-    z0 = term(i, z0);
-    z1 = term(i + 1, z1);
-    z2 = term(i + 2, z2);
-    z3 = term(i + 3, z3);
+  constexpr int kChains = 4 / kN;
+  V acc[kN][kChains];
+  for (int a = 0; a < kN; ++a) {
+    acc[a][0] = V::loadu(base[a] + f, m);
+    for (int c = 1; c < kChains; ++c) acc[a][c] = V(0);
   }
-  for (; i < r; ++i) z0 = term(i, z0);
-  return (z0 + z1) + (z2 + z3);
+  const auto add_factor_row = [&](int64_t i, int c) {
+    const V row = V::loadu(rows + i * n + f, m);
+    for (int a = 0; a < kN; ++a) acc[a][c] = at::vec::fmadd(V(coeffs[a][i]), row, acc[a][c]);
+  };
+  int64_t i = 0;
+  for (; i + kChains <= r; i += kChains) {
+    for (int c = 0; c < kChains; ++c) add_factor_row(i + c, c);
+  }
+  for (; i < r; ++i) add_factor_row(i, 0);
+  for (int a = 0; a < kN; ++a) {
+    if constexpr (kChains == 4) out[a] = (acc[a][0] + acc[a][1]) + (acc[a][2] + acc[a][3]);
+    else if constexpr (kChains == 2) out[a] = acc[a][0] + acc[a][1];
+    else out[a] = acc[a][0];
+  }
 }
-
 // row (=, or += when accumulate) v on m elements at f.
 template <typename scalar_t>
 void store_or_add(Vectorized<scalar_t> v, scalar_t* row, int64_t f, int64_t m, bool accumulate) {
@@ -286,6 +318,13 @@ void store_row(const acc_t* src, scalar_t* dst, int64_t n) {
   }
 }
 
+// Writes compute-type row `src` to a distinct storage row `dst`, rounding once.
+template <typename acc_t, typename scalar_t>
+void copy_row(const acc_t* src, scalar_t* dst, int64_t n) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) std::copy(src, src + n, dst);
+  else store_row(src, dst, n);
+}
+
 // Routing and factors of one call, as raw row-major pointers in scalar_t.
 template <typename scalar_t>
 struct Experts {
@@ -301,57 +340,101 @@ struct Experts {
 
   int64_t expert(int64_t t, int64_t j) const { return indices[t * top_k + j]; }
   scalar_t weight(int64_t t, int64_t j) const { return p[t * top_k + j]; }
-  const scalar_t* u(int64_t t, int64_t e) const { return U + t * u_stride + e * rank; }
-  const scalar_t* ug(int64_t t, int64_t e) const { return Ug + t * u_stride + e * rank; }
-  const scalar_t* B1t_of(int64_t e) const { return B1t + e * rank * d_ff; }
-  const scalar_t* Bgt_of(int64_t e) const { return Bgt + e * rank * d_ff; }
-  const scalar_t* A2_of(int64_t e) const { return A2 + e * rank * d_ff; }
+  // Ranks of the projections' low-rank terms (0: not adapted) and their per-expert rows (null then).
+  int64_t fc1_rank() const { return U ? rank : 0; }
+  int64_t gate_rank() const { return Ug ? rank : 0; }
+  int64_t fc2_rank() const { return A2 ? rank : 0; }
+  const scalar_t* u(int64_t t, int64_t e) const { return U ? U + t * u_stride + e * rank : nullptr; }
+  const scalar_t* ug(int64_t t, int64_t e) const { return Ug ? Ug + t * u_stride + e * rank : nullptr; }
+  const scalar_t* B1t_of(int64_t e) const { return U ? B1t + e * rank * d_ff : nullptr; }
+  const scalar_t* Bgt_of(int64_t e) const { return Ug ? Bgt + e * rank * d_ff : nullptr; }
+  const scalar_t* A2_of(int64_t e) const { return A2 ? A2 + e * rank * d_ff : nullptr; }
 };
 
-// One slot's low-rank correction of an input projection (fc1 or the gate): the token's U columns of its
-// expert and that expert's s·Bᵀ rows; rank 0 when the projection is not adapted.
-template <typename scalar_t>
-struct InputTerm {
-  const scalar_t* coeffs = nullptr;
-  const scalar_t* rows = nullptr;
-  int64_t rank = 0;
+// A slot of the per-token passes as the pairing below hands it over: which of the two tokens, its
+// k-slot j, and whether that token's output rows already hold an earlier slot's terms.
+struct SlotRef {
+  int which;
+  int64_t j;
+  bool accumulate;
+};
 
-  Vectorized<scalar_t> add_to(const scalar_t* base, int64_t n, int64_t f, int64_t m) const {
-    return low_rank_add(base, coeffs, rows, rank, n, f, m);
+// slots(e, SlotRef...) on the k-slots of the tokens `first` and `second` (-1: none), one or two slots
+// routed to the same expert e per call: each slot of the first token with a slot of the second routed to
+// the same expert, when it has one left, then the second token's remaining slots alone.  Each token's
+// slots come one after the other, the first of them with accumulate = false.
+template <typename scalar_t, typename Fn>
+void for_each_expert_group(const Experts<scalar_t>& X, int64_t first, int64_t second, const Fn& slots) {
+  const int64_t k = X.top_k;
+  bool started[2] = {false, false};
+  const auto ref = [&](int which, int64_t j) {
+    const SlotRef slot{which, j, started[which]};
+    started[which] = true;
+    return slot;
+  };
+  const bool pairs = second >= 0 && k <= 64;
+  uint64_t taken = 0;  // bit j: the second token's slot j is done
+  for (int64_t ja = 0; ja < k; ++ja) {
+    const int64_t e = X.expert(first, ja);
+    int64_t jb = 0;
+    while (pairs && jb < k && ((taken >> jb & 1) || X.expert(second, jb) != e)) ++jb;
+    if (pairs && jb < k) {
+      taken |= uint64_t(1) << jb;
+      const SlotRef a = ref(0, ja), b = ref(1, jb);
+      slots(e, a, b);
+    } else {
+      slots(e, ref(0, ja));
+    }
   }
+  for (int64_t jb = 0; second >= 0 && jb < k; ++jb) {
+    if (!pairs || !(taken >> jb & 1)) slots(X.expert(second, jb), ref(1, jb));
+  }
+}
+
+// ---- the per-token passes --------------------------------------------------------------------------
+
+// One slot of the forward pass: its token's rows and its routing weight p.
+template <typename scalar_t>
+struct ForwardSlot {
+  int64_t t;
+  scalar_t p;
+  const scalar_t* pre;  // [P]: the pre-activation, b1 included (gated: fc1's, then the gate's)
+  scalar_t* mixed;      // [F]: Σ_j p_j h_j (=, or += when accumulate)
+  scalar_t* v_row;      // [E·r]: p_j A2[e_j] h_j accumulated
+  scalar_t* h_row;      // [F] scratch
+  bool accumulate;
 };
 
-template <typename scalar_t>
-InputTerm<scalar_t> fc1_term(const Experts<scalar_t>& X, int64_t t, int64_t e) {
-  return X.U ? InputTerm<scalar_t>{X.u(t, e), X.B1t_of(e), X.rank} : InputTerm<scalar_t>{};
-}
-
-template <typename scalar_t>
-InputTerm<scalar_t> gate_term(const Experts<scalar_t>& X, int64_t t, int64_t e) {
-  return X.Ug ? InputTerm<scalar_t>{X.ug(t, e), X.Bgt_of(e), X.rank} : InputTerm<scalar_t>{};
-}
-
-// Token t's forward from its pre-activation row (gated: [fc1's | the gate's], 2F long):
-// mixed = Σ_j p_j h_j; v_row[e_j·r..] += p_j A2[e_j] h_j.  h_row: [F] scratch.
-template <typename scalar_t, Activation A, bool kGated>
-void forward_token(const Experts<scalar_t>& X, int64_t t, const scalar_t* pre, scalar_t* mixed, scalar_t* v_row,
-                   scalar_t* h_row) {
+// The forward of kN slots routed to expert e: h = act(z) (gated: act(g) ⊙ z) with z = pre + U[e] (s B1ᵀ)[e]
+// (and g from the gate's half alike), mixed += p h, v_row[e·r..] += p A2[e] h.
+template <typename scalar_t, Activation A, bool kGated, int kN>
+void forward_slots(const Experts<scalar_t>& X, int64_t e, const ForwardSlot<scalar_t> (&s)[kN]) {
   using V = Vectorized<scalar_t>;
-  const int64_t F = X.d_ff;
-  for (int64_t j = 0; j < X.top_k; ++j) {
-    const int64_t e = X.expert(t, j);
-    const scalar_t pj = X.weight(t, j);
-    const InputTerm<scalar_t> fc1 = fc1_term(X, t, e), gate = gate_term(X, t, e);
-    for_each_vector<scalar_t>(F, [&](int64_t f, auto m) {
-      const V z = fc1.add_to(pre, F, f, m);
-      V h;
-      if constexpr (kGated) h = Act<A>::value(gate.add_to(pre + F, F, f, m)) * z;
-      else h = Act<A>::value(z);
-      store_or_add(V(pj) * h, mixed, f, m, j > 0);
-      if (X.A2) h.store(h_row + f, m);
-    });
-    if (X.A2) add_dots(h_row, X.A2_of(e), X.rank, F, pj, v_row + e * X.rank);
+  const int64_t F = X.d_ff, r = X.rank;
+  const scalar_t *pre[kN], *pre_gate[kN], *u[kN], *ug[kN], *h_rows[kN];
+  scalar_t p[kN], *v_rows[kN];
+  for (int a = 0; a < kN; ++a) {
+    pre[a] = s[a].pre;
+    pre_gate[a] = s[a].pre + F;
+    u[a] = X.u(s[a].t, e);
+    ug[a] = X.ug(s[a].t, e);
+    h_rows[a] = s[a].h_row;
+    p[a] = s[a].p;
+    v_rows[a] = s[a].v_row + e * r;
   }
+  for_each_vector<scalar_t>(F, [&](int64_t f, auto m) {
+    V z[kN], g[kN];
+    low_rank_add<kN>(pre, u, X.B1t_of(e), X.fc1_rank(), F, f, m, z);
+    if constexpr (kGated) low_rank_add<kN>(pre_gate, ug, X.Bgt_of(e), X.gate_rank(), F, f, m, g);
+    for (int a = 0; a < kN; ++a) {
+      V h;
+      if constexpr (kGated) h = Act<A>::value(g[a]) * z[a];
+      else h = Act<A>::value(z[a]);
+      store_or_add(V(p[a]) * h, s[a].mixed, f, m, s[a].accumulate);
+      if (X.A2) h.store(s[a].h_row + f, m);
+    }
+  });
+  if (X.A2) add_dots<kN>(h_rows, X.A2_of(e), r, F, p, v_rows);
 }
 
 // Per-token inputs and outputs of the backward pass (rows of length F unless noted; pre and grad_pre
@@ -375,67 +458,99 @@ struct TokenGrads {
   scalar_t* gg_row;            // scratch (gated)
 };
 
-// The gradients of one input projection's low-rank term from dL/dz of a slot (gz): dL/dU[e] += gz (s Bᵀ)ᵀ
-// and the gradient of s·Bᵀ (without s) += U[e] ⊗ gz.
+// One slot of the backward pass: its token's rows, k-slot j and routing weight p.
 template <typename scalar_t>
-void input_term_grads(const InputTerm<scalar_t>& term, const scalar_t* gz, int64_t e, int64_t F, scalar_t* grad_u,
-                      scalar_t* grad_Bt) {
-  if (term.rank == 0) return;
-  add_dots(gz, term.rows, term.rank, F, scalar_t(1), grad_u + e * term.rank);  // s is in the rows
-  add_outer(term.coeffs, gz, term.rank, F, grad_Bt + e * term.rank * F);
+struct BackwardSlot {
+  const TokenGrads<scalar_t>* G;
+  int64_t t, j;
+  scalar_t p;
+  bool accumulate;  // the token's grad_pre and mixed rows hold an earlier slot's terms
+};
+
+// The gradients of one input projection's low-rank term (factor rows `rows` = (s Bᵀ)[e], rank r) from the
+// slots' dL/dz rows gz: dL/dU[e] += gz (s Bᵀ)ᵀ and the gradient of s·Bᵀ (without s) += U[e] ⊗ gz.
+template <int kN, typename scalar_t>
+void input_term_grads(const scalar_t* rows, int64_t r, const scalar_t* const* u, const scalar_t* const* gz,
+                      int64_t F, scalar_t* const* grad_u, scalar_t* grad_Bt) {
+  if (r == 0) return;
+  scalar_t ones[kN];
+  std::fill(ones, ones + kN, scalar_t(1));  // s is in the rows
+  add_dots<kN>(gz, rows, r, F, ones, grad_u);
+  add_outer<kN>(u, gz, r, F, grad_Bt);
 }
 
-// Token t's backward: with q_j = W2ᵀg + A2[e]ᵀ g2_e (the gradient of h_j per unit p_j),
-// dL/dp_j = <h_j, q_j> + <g, b2> and dL/dz_j = p_j q_j act'(z_j); gated (h_j = act(g_j) ⊙ z_j),
-// dL/dz_j = p_j q_j act(g_j) and dL/dg_j = p_j q_j z_j act'(g_j).
-template <typename scalar_t, Activation A, bool kGated>
-void backward_token(const Experts<scalar_t>& X, int64_t t, const TokenGrads<scalar_t>& G) {
+// The backward of kN slots routed to expert e: with q = W2ᵀg + A2[e]ᵀ g2_e (the gradient of h per unit
+// p), dL/dp = <h, q> + <g, b2> and dL/dz = p q act'(z); gated (h = act(g) ⊙ z), dL/dz = p q act(g) and
+// dL/dg = p q z act'(g).  The factor gradients go to the thread's accumulators, shared by the slots.
+template <typename scalar_t, Activation A, bool kGated, int kN>
+void backward_slots(const Experts<scalar_t>& X, int64_t e, const BackwardSlot<scalar_t> (&s)[kN]) {
   using V = Vectorized<scalar_t>;
-  const int64_t F = X.d_ff, r = X.rank;
-  const bool fc2 = X.A2 != nullptr;
-  scalar_t coeffs[64];
-  for (int64_t j = 0; j < X.top_k; ++j) {
-    const int64_t e = X.expert(t, j);
-    const scalar_t pj = X.weight(t, j);
-    const InputTerm<scalar_t> fc1 = fc1_term(X, t, e), gate = gate_term(X, t, e);
-    const scalar_t* A2_e = fc2 ? X.A2_of(e) : nullptr;
-    const scalar_t* g2 = fc2 ? G.g2 + e * r : nullptr;
-    V grad_p(0);
-    for_each_vector<scalar_t>(F, [&](int64_t f, auto m) {
+  const int64_t F = X.d_ff, r = X.rank, r1 = X.fc1_rank(), rg = X.gate_rank(), r2 = X.fc2_rank();
+  const scalar_t *pre[kN], *pre_gate[kN], *u[kN], *ug[kN], *grad_mixed[kN], *g2[kN];
+  const scalar_t *gz_rows[kN], *gg_rows[kN], *h_rows[kN];
+  scalar_t *grad_u[kN], *grad_ug[kN];
+  for (int a = 0; a < kN; ++a) {
+    const TokenGrads<scalar_t>& G = *s[a].G;
+    pre[a] = G.pre;
+    pre_gate[a] = G.pre + F;
+    u[a] = X.u(s[a].t, e);
+    ug[a] = X.ug(s[a].t, e);
+    grad_mixed[a] = G.grad_mixed;
+    g2[a] = r2 ? G.g2 + e * r : nullptr;
+    gz_rows[a] = G.gz_row;
+    gg_rows[a] = G.gg_row;
+    h_rows[a] = G.h_row;
+    grad_u[a] = r1 ? G.grad_u + e * r : nullptr;
+    grad_ug[a] = rg ? G.grad_ug + e * r : nullptr;
+  }
+  V grad_p[kN];
+  std::fill(grad_p, grad_p + kN, V(0));
+  for_each_vector<scalar_t>(F, [&](int64_t f, auto m) {
+    V z[kN], q[kN], g[kN];
+    low_rank_add<kN>(pre, u, X.B1t_of(e), r1, F, f, m, z);
+    low_rank_add<kN>(grad_mixed, g2, X.A2_of(e), r2, F, f, m, q);
+    if constexpr (kGated) low_rank_add<kN>(pre_gate, ug, X.Bgt_of(e), rg, F, f, m, g);
+    for (int a = 0; a < kN; ++a) {
+      const TokenGrads<scalar_t>& G = *s[a].G;
+      const V grad_h = V(s[a].p) * q[a];
       V h, gz;
-      const V z = fc1.add_to(G.pre, F, f, m);
-      const V q = low_rank_add(G.grad_mixed, g2, A2_e, fc2 ? r : 0, F, f, m);
-      const V grad_h = V(pj) * q;
       if constexpr (kGated) {
-        V a, d;
-        Act<A>::value_and_grad(gate.add_to(G.pre + F, F, f, m), a, d);
-        h = a * z;
-        gz = grad_h * a;
-        const V gg = grad_h * z * d;
-        store_or_add(gg, G.grad_pre + F, f, m, j > 0);
-        if (gate.rank) gg.store(G.gg_row + f, m);
+        V act, d;
+        Act<A>::value_and_grad(g[a], act, d);
+        h = act * z[a];
+        gz = grad_h * act;
+        const V gg = grad_h * z[a] * d;
+        store_or_add(gg, G.grad_pre + F, f, m, s[a].accumulate);
+        if (rg) gg.store(G.gg_row + f, m);
       } else {
         V d;
-        Act<A>::value_and_grad(z, h, d);
+        Act<A>::value_and_grad(z[a], h, d);
         gz = grad_h * d;
       }
-      grad_p = at::vec::fmadd(h, q, grad_p);
-      store_or_add(gz, G.grad_pre, f, m, j > 0);
-      if (fc1.rank) gz.store(G.gz_row + f, m);
-      if (fc2) h.store(G.h_row + f, m);
-      if (G.mixed) store_or_add(V(pj) * h, G.mixed, f, m, j > 0);
-    });
-    G.grad_p[j] = reduce_sum(grad_p) + G.g_dot_b2;
-    input_term_grads(fc1, G.gz_row, e, F, G.grad_u, G.grad_B1t);
-    if constexpr (kGated) input_term_grads(gate, G.gg_row, e, F, G.grad_ug, G.grad_Bgt);
-    for (int64_t i0 = 0; fc2 && i0 < r; i0 += 64) {  // dA2[e] += p_j g2_e ⊗ h_j, in chunks of 64 ranks
-      const int64_t count = std::min<int64_t>(64, r - i0);
-      for (int64_t i = 0; i < count; ++i) coeffs[i] = pj * g2[i0 + i];
-      add_outer(coeffs, G.h_row, count, F, G.grad_A2 + (e * r + i0) * F);
+      grad_p[a] = at::vec::fmadd(h, q[a], grad_p[a]);
+      store_or_add(gz, G.grad_pre, f, m, s[a].accumulate);
+      if (r1) gz.store(G.gz_row + f, m);
+      if (r2) h.store(G.h_row + f, m);
+      if (G.mixed) store_or_add(V(s[a].p) * h, G.mixed, f, m, s[a].accumulate);
     }
+  });
+  for (int a = 0; a < kN; ++a) s[a].G->grad_p[s[a].j] = reduce_sum(grad_p[a]) + s[a].G->g_dot_b2;
+  const TokenGrads<scalar_t>& shared = *s[0].G;
+  input_term_grads<kN>(X.B1t_of(e), r1, u, gz_rows, F, grad_u, r1 ? shared.grad_B1t + e * r * F : nullptr);
+  if constexpr (kGated) {
+    input_term_grads<kN>(X.Bgt_of(e), rg, ug, gg_rows, F, grad_ug, rg ? shared.grad_Bgt + e * r * F : nullptr);
+  }
+  for (int64_t i0 = 0; i0 < r2; i0 += 64) {  // dA2[e] += Σ_a p_a g2_a ⊗ h_a, in chunks of 64 ranks
+    const int64_t count = std::min<int64_t>(64, r2 - i0);
+    scalar_t coeffs[kN][64];
+    const scalar_t* coeff_rows[kN];
+    for (int a = 0; a < kN; ++a) {
+      for (int64_t i = 0; i < count; ++i) coeffs[a][i] = s[a].p * g2[a][i0 + i];
+      coeff_rows[a] = coeffs[a];
+    }
+    add_outer<kN>(coeff_rows, h_rows, count, F, shared.grad_A2 + (e * r + i0) * F);
   }
 }
-
 template <typename T>
 T* ptr_or_null(const at::Tensor& t) {
   return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : nullptr;
@@ -482,6 +597,19 @@ at::ScalarType gemm_dtype(at::ScalarType input) {
   return half ? input : at::kFloat;
 }
 
+// The dtype of the small products with the lora factors (x A1ᵀ, V B2sᵀ, g B2s, the factor gradients):
+// bf16 where the tile GEMMs run in bf16 (the factors and the fp32 U, V, dL/dU rounded to bf16 once, fp32
+// accumulation inside oneDNN; at one thread, SAM3 shape, an fp32 one with its input's conversion took
+// ~1.4 ms, the bf16 one ~0.2 ms), else the compute dtype: fp16's range could overflow in the sums over tokens.
+at::ScalarType factor_gemm_dtype(at::ScalarType gemm) {
+  return gemm == at::kBFloat16 ? gemm : compute_dtype(gemm);
+}
+
+// a b with both in `dtype`, returned in `out`.
+at::Tensor mm_as(const at::Tensor& a, const at::Tensor& b, at::ScalarType dtype, at::ScalarType out) {
+  return at::mm(a.to(dtype), b.to(dtype)).to(out);
+}
+
 // fn() with scalar_t = the GEMM (storage) dtype and acc_t = the dtype the per-token passes compute in.
 #define DASAM3_DISPATCH_GEMM_TYPES(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, [&] { \
@@ -489,14 +617,15 @@ at::ScalarType gemm_dtype(at::ScalarType input) {
     __VA_ARGS__();                                                           \
   })
 
-// y += V B2sᵀ + p_sum ⊗ b2 for one tile, the terms in the compute dtype and added to y once.
+// y += V B2sᵀ + p_sum ⊗ b2 for one tile, the terms in B2s's and b2's dtype (factor_gemm_dtype), added to y
+// in place when that is y's dtype, else once.
 void add_low_rank_and_bias(at::Tensor& y, const at::Tensor& V, const at::Tensor& B2s, const at::Tensor& p_sum,
                            const at::Tensor& b2) {
   if (!V.defined() && !b2.defined()) return;
-  const auto compute = (V.defined() ? V : b2).scalar_type();
-  const bool same = y.scalar_type() == compute;
-  at::Tensor terms = same ? y : at::zeros(y.sizes(), y.options().dtype(compute));
-  if (V.defined()) terms.addmm_(V, B2s.t());
+  const auto dtype = (V.defined() ? B2s : b2).scalar_type();
+  const bool same = y.scalar_type() == dtype;
+  at::Tensor terms = same ? y : at::zeros(y.sizes(), y.options().dtype(dtype));
+  if (V.defined()) terms.addmm_(V.to(dtype), B2s.t());
   if (b2.defined()) terms.addr_(p_sum, b2);
   if (!same) y.add_(terms);
 }
@@ -505,7 +634,8 @@ void add_low_rank_and_bias(at::Tensor& y, const at::Tensor& V, const at::Tensor&
 
 struct ForwardTensors {
   at::Tensor x, W1, Wg, W2;      // contiguous, in the GEMM dtype; Wg undefined for a plain FFN
-  at::Tensor b1, b2, p_sum, B2s;  // contiguous, in the compute dtype; b1 [pre width]: gated, b1 then b_g
+  at::Tensor b1;                  // [pre width] (gated: b1 then b_g), contiguous, in the compute dtype
+  at::Tensor b2, p_sum, B2s;      // contiguous, in factor_gemm_dtype
   at::Tensor y, pre;          // outputs in the GEMM dtype; pre undefined when not saved
   at::Tensor V;               // output in the compute dtype; undefined when fc2 is not adapted
 };
@@ -545,33 +675,46 @@ void forward_tiles(const Experts<acc_t>& X, ForwardTensors& ts) {
   const int64_t T = ts.x.size(0), F = X.d_ff, P = kGated ? 2 * F : F, rows = tile_rows(T, F);
   parallel_tiles(T, rows, [&](int64_t begin, int64_t end) {
     const auto opts = ts.x.options();
-    at::Tensor pre_scratch = ts.pre.defined() ? at::Tensor() : at::empty({rows, P}, opts);
+    // The tile GEMM writes a scratch tile that stays in cache, and the per-token pass copies each row, b1
+    // added, to the saved pre-activation: a GEMM writing straight into the [T, P] output, memory not in
+    // cache, ran ~35% slower (SAM3 shape, bf16, one thread: 0.74 vs 0.55 ms per tile).
+    at::Tensor pre_scratch = at::empty({rows, P}, opts);
     at::Tensor mixed = at::empty({rows, F}, opts);
-    // h [F], mixed [F], pre [P] in the compute dtype
-    at::Tensor rows_acc = at::empty({2 * F + P}, opts.dtype(c10::CppTypeToScalarType<acc_t>::value));
-    acc_t* h_row = rows_acc.data_ptr<acc_t>();
+    // per token of a pair: h [F], mixed [F], pre [P] in the compute dtype
+    const int64_t per_token = 2 * F + P;
+    at::Tensor rows_acc = at::empty({2 * per_token}, opts.dtype(c10::CppTypeToScalarType<acc_t>::value));
     const acc_t* b1 = ptr_or_null<acc_t>(ts.b1);
     std::vector<int64_t> order;
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t t0 = tile * rows, n = std::min(rows, T - t0);
-      at::Tensor pre = ts.pre.defined() ? ts.pre.narrow(0, t0, n) : pre_scratch.narrow(0, 0, n);
+      at::Tensor pre = pre_scratch.narrow(0, 0, n);
       at::Tensor x_tile = ts.x.narrow(0, t0, n), y = ts.y.narrow(0, t0, n), m = mixed.narrow(0, 0, n);
       input_products(pre, x_tile, ts.W1, ts.Wg);
       tokens_by_experts(X, t0, n, order);
-      for (const int64_t token : order) {
-        const int64_t t = token - t0;
-        scalar_t* m_row = row_of<scalar_t>(m, t, F);
-        scalar_t* pre_row = row_of<scalar_t>(pre, t, P);
-        acc_t* mixed_acc = accumulator_row(m_row, h_row + F);
-        acc_t* pre_acc = accumulator_row(pre_row, h_row + 2 * F);
-        compute_row(pre_row, pre_acc, P);
-        if (b1) {
-          add_row(b1, pre_acc, P);
-          if (ts.pre.defined()) store_row(pre_acc, pre_row, P);  // the saved pre-activation includes b1
+      for (size_t i = 0; i < order.size(); i += 2) {
+        const int64_t pair[2] = {order[i], i + 1 < order.size() ? order[i + 1] : -1};
+        scalar_t* m_rows[2];
+        acc_t *h_rows[2], *mixed_acc[2], *pre_acc[2];
+        for (int a = 0; a < 2 && pair[a] >= 0; ++a) {
+          m_rows[a] = row_of<scalar_t>(m, pair[a] - t0, F);
+          scalar_t* pre_row = row_of<scalar_t>(pre, pair[a] - t0, P);
+          h_rows[a] = rows_acc.data_ptr<acc_t>() + a * per_token;
+          mixed_acc[a] = accumulator_row(m_rows[a], h_rows[a] + F);
+          pre_acc[a] = accumulator_row(pre_row, h_rows[a] + 2 * F);
+          compute_row(pre_row, pre_acc[a], P);
+          if (b1) add_row(b1, pre_acc[a], P);
+          if (ts.pre.defined()) copy_row(pre_acc[a], row_of<scalar_t>(ts.pre, pair[a], P), P);
         }
-        forward_token<acc_t, A, kGated>(X, token, pre_acc, mixed_acc,
-                                        row_of<acc_t>(ts.V, token, X.experts * X.rank), h_row);
-        store_row(mixed_acc, m_row, F);
+        const auto slot = [&](const SlotRef& ref) {
+          const int64_t t = pair[ref.which];
+          return ForwardSlot<acc_t>{t, X.weight(t, ref.j), pre_acc[ref.which], mixed_acc[ref.which],
+                                    row_of<acc_t>(ts.V, t, X.experts * X.rank), h_rows[ref.which], ref.accumulate};
+        };
+        for_each_expert_group(X, pair[0], pair[1], [&](int64_t e, const auto&... refs) {
+          const ForwardSlot<acc_t> slots[] = {slot(refs)...};
+          forward_slots<acc_t, A, kGated, sizeof...(refs)>(X, e, slots);
+        });
+        for (int a = 0; a < 2 && pair[a] >= 0; ++a) store_row(mixed_acc[a], m_rows[a], F);
       }
       at::mm_out(y, m, ts.W2.t());
       add_low_rank_and_bias(y, X.A2 ? ts.V.narrow(0, t0, n) : at::Tensor(), ts.B2s,
@@ -635,6 +778,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_moe_fwd_cpu(
                                   fc2_A, fc2_B, gate_weight, gate_bias, gate_A, gate_B);
   const Activation act = parse_activation(activation);
   const auto gemm = gemm_dtype(x.scalar_type()), dtype = compute_dtype(x.scalar_type());
+  const auto factor_gemm = factor_gemm_dtype(gemm);
   const int64_t Er = s.experts * s.rank;
   ForwardTensors ts;
   ts.x = contiguous_as(x, gemm);
@@ -642,12 +786,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_moe_fwd_cpu(
   ts.Wg = optional_as(gate_weight, gemm);
   ts.b1 = pre_bias(s, fc1_bias, gate_bias, x.options().dtype(dtype));
   ts.W2 = contiguous_as(fc2_weight, gemm);
-  ts.b2 = optional_as(fc2_bias, dtype);
+  ts.b2 = optional_as(fc2_bias, factor_gemm);
   const at::Tensor p = contiguous_as(weights, dtype), idx = contiguous_as(indices, at::kLong);
-  if (ts.b2.defined()) ts.p_sum = p.sum(1);
+  if (ts.b2.defined()) ts.p_sum = p.sum(1).to(factor_gemm);
   const Factors f = prepare_factors(s, fc1_A, fc1_B, fc2_A, fc2_B, scale, dtype, gate_A, gate_B);
-  ts.B2s = f.B2s;
-  const at::Tensor U = s.u_width() > 0 ? at::mm(contiguous_as(x, dtype), f.A1s.t()) : at::Tensor();
+  if (f.B2s.defined()) ts.B2s = f.B2s.to(factor_gemm);
+  // U = x A1ᵀ through the factor product (bf16: rounded once, as x W1ᵀ is), except for relu: its derivative
+  // jumps at z = 0, so there U stays exact in fp32 and only the frozen product's rounding moves z.
+  at::Tensor U;
+  if (s.u_width() > 0) {
+    U = act == Activation::kRelu ? at::mm(contiguous_as(x, dtype), f.A1s.t())
+                                 : mm_as(ts.x, f.A1s.t(), factor_gemm, dtype);
+  }
   ts.V = s.adapt_fc2 ? at::zeros({s.tokens, Er}, p.options()) : at::Tensor();
   ts.y = at::empty({s.tokens, s.d_model}, ts.x.options());
   if (save_for_backward) ts.pre = at::empty({s.tokens, s.pre_width()}, ts.x.options());
@@ -668,7 +818,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_moe_fwd_cpu(
 
 struct BackwardTensors {
   at::Tensor g, W1, Wg, W2, pre;              // contiguous, in the GEMM dtype; Wg undefined for a plain FFN
-  at::Tensor A1s, g2, g_dot_b2;               // contiguous, in the compute dtype
+  at::Tensor A1s;                             // contiguous, in factor_gemm_dtype
+  at::Tensor g2, g_dot_b2;                    // contiguous, in the compute dtype
   at::Tensor grad_x, grad_pre, mixed;         // outputs in the GEMM dtype; undefined if unwanted
   at::Tensor grad_p, grad_U;                  // outputs in the compute dtype
   at::Tensor grad_B1t, grad_Bgt, grad_A2;     // [threads, E, r, F] per-thread accumulators, compute dtype
@@ -693,48 +844,63 @@ void backward_tiles(const Experts<acc_t>& X, BackwardTensors& ts) {
     const auto opts = ts.g.options();
     const int64_t thread = at::get_thread_num();  // owns slice `thread` of the [threads, E, r, F] accumulators
     at::Tensor grad_mixed = at::empty({rows, F}, opts);
-    // h, gz, gg and the compute-dtype copies of grad_mixed, mixed [F each], pre and grad_pre [P each]
-    at::Tensor scratch = at::empty({5 * F + 2 * P}, opts.dtype(c10::CppTypeToScalarType<acc_t>::value));
+    // per token of a pair: h, gz, gg and the compute-dtype copies of grad_mixed, mixed [F each], pre and
+    // grad_pre [P each]
+    const int64_t per_token = 5 * F + 2 * P;
+    at::Tensor scratch = at::empty({2 * per_token}, opts.dtype(c10::CppTypeToScalarType<acc_t>::value));
     at::Tensor grad_pre_scratch = ts.grad_pre.defined() ? at::Tensor() : at::empty({rows, P}, opts);
-    acc_t* const row = scratch.data_ptr<acc_t>();
-    acc_t* const pre_scratch = row + 5 * F;
-    acc_t* const grad_pre_scratch_row = pre_scratch + P;
+    std::vector<int64_t> order;
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t t0 = tile * rows, n = std::min(rows, T - t0);
       at::Tensor gm = grad_mixed.narrow(0, 0, n), g = ts.g.narrow(0, t0, n);
       at::Tensor grad_pre = ts.grad_pre.defined() ? ts.grad_pre.narrow(0, t0, n) : grad_pre_scratch.narrow(0, 0, n);
       at::mm_out(gm, g, ts.W2);
-      for (int64_t t = 0; t < n; ++t) {
-        const int64_t token = t0 + t;
-        scalar_t* grad_pre_row = row_of<scalar_t>(grad_pre, t, P);
-        scalar_t* mixed_row = row_of<scalar_t>(ts.mixed, token, F);
-        acc_t* grad_pre_acc = accumulator_row(grad_pre_row, grad_pre_scratch_row);
-        acc_t* mixed_acc = mixed_row ? accumulator_row(mixed_row, row + 4 * F) : nullptr;
-        acc_t* grad_u_row = row_of<acc_t>(ts.grad_U, token, Uw);
-        TokenGrads<acc_t> G{compute_row(row_of<scalar_t>(ts.pre, token, P), pre_scratch, P),
-                            compute_row(row_of<scalar_t>(gm, t, F), row + 3 * F, F),
-                            row_of<acc_t>(ts.g2, token, Er),
-                            ts.g_dot_b2.defined() ? ts.g_dot_b2.data_ptr<acc_t>()[token] : acc_t(0),
-                            grad_pre_acc,
-                            row_of<acc_t>(ts.grad_p, token, X.top_k),
-                            X.U ? grad_u_row : nullptr,
-                            row_of<acc_t>(ts.grad_B1t, thread, Er * F),
-                            row_of<acc_t>(ts.grad_A2, thread, Er * F),
-                            mixed_acc,
-                            row,
-                            row + F,
-                            X.Ug ? grad_u_row + (X.U ? Er : 0) : nullptr,
-                            row_of<acc_t>(ts.grad_Bgt, thread, Er * F),
-                            row + 2 * F};
-        backward_token<acc_t, A, kGated>(X, token, G);
-        store_row(grad_pre_acc, grad_pre_row, P);
-        if (mixed_row) store_row(mixed_acc, mixed_row, F);
+      tokens_by_experts(X, t0, n, order);
+      for (size_t i = 0; i < order.size(); i += 2) {
+        const int64_t pair[2] = {order[i], i + 1 < order.size() ? order[i + 1] : -1};
+        TokenGrads<acc_t> G[2];
+        scalar_t *grad_pre_rows[2], *mixed_rows[2];
+        for (int a = 0; a < 2 && pair[a] >= 0; ++a) {
+          const int64_t token = pair[a], t = token - t0;
+          acc_t* const row = scratch.data_ptr<acc_t>() + a * per_token;
+          acc_t* const pre_scratch = row + 5 * F;
+          grad_pre_rows[a] = row_of<scalar_t>(grad_pre, t, P);
+          mixed_rows[a] = row_of<scalar_t>(ts.mixed, token, F);
+          acc_t* grad_u_row = row_of<acc_t>(ts.grad_U, token, Uw);
+          G[a] = TokenGrads<acc_t>{compute_row(row_of<scalar_t>(ts.pre, token, P), pre_scratch, P),
+                                   compute_row(row_of<scalar_t>(gm, t, F), row + 3 * F, F),
+                                   row_of<acc_t>(ts.g2, token, Er),
+                                   ts.g_dot_b2.defined() ? ts.g_dot_b2.data_ptr<acc_t>()[token] : acc_t(0),
+                                   accumulator_row(grad_pre_rows[a], pre_scratch + P),
+                                   row_of<acc_t>(ts.grad_p, token, X.top_k),
+                                   X.U ? grad_u_row : nullptr,
+                                   row_of<acc_t>(ts.grad_B1t, thread, Er * F),
+                                   row_of<acc_t>(ts.grad_A2, thread, Er * F),
+                                   mixed_rows[a] ? accumulator_row(mixed_rows[a], row + 4 * F) : nullptr,
+                                   row,
+                                   row + F,
+                                   X.Ug ? grad_u_row + (X.U ? Er : 0) : nullptr,
+                                   row_of<acc_t>(ts.grad_Bgt, thread, Er * F),
+                                   row + 2 * F};
+        }
+        const auto slot = [&](const SlotRef& ref) {
+          const int64_t t = pair[ref.which];
+          return BackwardSlot<acc_t>{&G[ref.which], t, ref.j, X.weight(t, ref.j), ref.accumulate};
+        };
+        for_each_expert_group(X, pair[0], pair[1], [&](int64_t e, const auto&... refs) {
+          const BackwardSlot<acc_t> slots[] = {slot(refs)...};
+          backward_slots<acc_t, A, kGated, sizeof...(refs)>(X, e, slots);
+        });
+        for (int a = 0; a < 2 && pair[a] >= 0; ++a) {
+          store_row(G[a].grad_pre, grad_pre_rows[a], P);
+          if (mixed_rows[a]) store_row(G[a].mixed, mixed_rows[a], F);
+        }
       }
       if (ts.grad_x.defined()) {
         at::Tensor gx = ts.grad_x.narrow(0, t0, n);
         input_products_grad(gx, grad_pre, ts.W1, ts.Wg);
         if (Uw > 0) {
-          const at::Tensor grad_U = ts.grad_U.narrow(0, t0, n);
+          const at::Tensor grad_U = ts.grad_U.narrow(0, t0, n).to(ts.A1s.scalar_type());
           if (gx.scalar_type() == grad_U.scalar_type()) gx.addmm_(grad_U, ts.A1s);
           else gx.add_(at::mm(grad_U, ts.A1s));
         }
@@ -758,6 +924,7 @@ lowrank_moe_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Ten
                                            fc1_B, fc2_A, fc2_B, pre, U, V, gate_weight, gate_A, gate_B);
   const Activation act = parse_activation(activation);
   const auto gemm = gemm_dtype(x.scalar_type()), dtype = compute_dtype(x.scalar_type());
+  const auto factor_gemm = factor_gemm_dtype(gemm);
 
   BackwardTensors ts;
   ts.g = contiguous_as(grad_y, gemm);
@@ -765,14 +932,14 @@ lowrank_moe_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Ten
   ts.Wg = optional_as(gate_weight, gemm);
   ts.W2 = contiguous_as(fc2_weight, gemm);
   ts.pre = contiguous_as(pre, gemm);
-  const at::Tensor g = contiguous_as(grad_y, dtype);  // the low-rank and bias terms' gradients, in fp32
+  const at::Tensor g = contiguous_as(grad_y, factor_gemm);  // for the low-rank and bias terms' gradients
   const at::Tensor p = contiguous_as(weights, dtype), idx = contiguous_as(indices, at::kLong);
   const at::Tensor Uc = s.u_width() > 0 ? contiguous_as(U, dtype) : at::Tensor();
   const Factors f = prepare_factors(s, fc1_A, fc1_B, fc2_A, fc2_B, scale, dtype, gate_A, gate_B);
-  ts.A1s = f.A1s;
-  if (s.adapt_fc2) ts.g2 = at::mm(g, f.B2s);
-  if (fc2_bias.has_value()) ts.g_dot_b2 = at::mv(g, contiguous_as(*fc2_bias, dtype));
-  const auto opts = g.options(), gemm_opts = ts.g.options();
+  if (f.A1s.defined()) ts.A1s = f.A1s.to(factor_gemm);
+  if (s.adapt_fc2) ts.g2 = mm_as(g, f.B2s, factor_gemm, dtype);
+  if (fc2_bias.has_value()) ts.g_dot_b2 = at::mv(g, contiguous_as(*fc2_bias, factor_gemm)).to(dtype);
+  const auto opts = ts.g.options().dtype(dtype), gemm_opts = ts.g.options();
   ts.grad_p = at::empty({s.tokens, s.top_k}, opts);
   const int64_t threads = at::get_num_threads();
   const auto accumulator = [&](bool adapted) {
