@@ -172,9 +172,11 @@ inline void for_each_vector(int64_t n, const Fn& fn) {
   if (f < n) fn(f, n - f);
 }
 
-// The per-token passes take up to two (token, k-slot) pairs routed to the same expert at once ("slots"):
-// each of that expert's factor vectors is then read once, from L2, for both.  Those reads, not the
-// arithmetic, bound these passes.  The helpers below take kN rows (kN = 1 or 2) that share the factor rows.
+// The per-token passes take up to kGroup = 4 (token, k-slot) pairs routed to the same expert at once
+// ("slots"): each of that expert's factor vectors (and each row of the per-thread gradient accumulators)
+// is then read once, from L2, for all of them.  The helpers below take kN <= 4 rows that share the factor
+// rows.  One thread, AVX512-BF16 EPYC: groups of 2 took the gated bf16 LLaMA-shape forward from 50.5 to
+// 48.7 ms, groups of 4 then gained ~0.7 ms there and ~1 ms on the SAM3-shape bf16 training step.
 
 // out[a][i] += coeff[a] · Σ_f x[a][f] rows[i][f] for i < kRows, a < kN: kRows·kN dot products sharing
 // the loads of the rows and of the x[a].
@@ -198,7 +200,7 @@ void add_dots_of(const scalar_t* const* x, const scalar_t* rows, int64_t n, cons
 }
 
 // out[a][i] += coeff[a] · Σ_f x[a][f] rows[i][f] for the r rows of an expert, 8 / kN rows per pass over
-// the x[a] (8 accumulators: with the loads they fit AVX2's 16 registers).
+// the x[a] (about 8 accumulators: with the loads they fit AVX2's 16 registers).
 template <int kN, typename scalar_t>
 void add_dots(const scalar_t* const* x, const scalar_t* rows, int64_t r, int64_t n, const scalar_t* coeff,
               scalar_t* const* out) {
@@ -351,7 +353,10 @@ struct Experts {
   const scalar_t* A2_of(int64_t e) const { return A2 ? A2 + e * rank * d_ff : nullptr; }
 };
 
-// A slot of the per-token passes as the pairing below hands it over: which of the two tokens, its
+// Tokens the per-token passes take together: kGroup consecutive ones in tokens_by_experts' order.
+constexpr int kGroup = 4;
+
+// A slot of the per-token passes as the grouping below hands it over: which of the group's tokens, its
 // k-slot j, and whether that token's output rows already hold an earlier slot's terms.
 struct SlotRef {
   int which;
@@ -359,35 +364,41 @@ struct SlotRef {
   bool accumulate;
 };
 
-// slots(e, SlotRef...) on the k-slots of the tokens `first` and `second` (-1: none), one or two slots
-// routed to the same expert e per call: each slot of the first token with a slot of the second routed to
-// the same expert, when it has one left, then the second token's remaining slots alone.  Each token's
-// slots come one after the other, the first of them with accumulate = false.
+// slots(e, SlotRef...) on the k-slots of `count` <= kGroup tokens, 1 to count slots routed to the same
+// expert e per call: each slot not yet done together with, from each later token, a slot not yet done
+// that is routed to the same expert, where it has one.  A token's first slot comes with accumulate =
+// false.  (Above 64 slots per token, each slot alone.)
 template <typename scalar_t, typename Fn>
-void for_each_expert_group(const Experts<scalar_t>& X, int64_t first, int64_t second, const Fn& slots) {
+void for_each_expert_group(const Experts<scalar_t>& X, const int64_t* tokens, int count, const Fn& slots) {
+  static_assert(kGroup == 4, "the dispatch below passes up to 4 slots");
   const int64_t k = X.top_k;
-  bool started[2] = {false, false};
-  const auto ref = [&](int which, int64_t j) {
-    const SlotRef slot{which, j, started[which]};
-    started[which] = true;
-    return slot;
-  };
-  const bool pairs = second >= 0 && k <= 64;
-  uint64_t taken = 0;  // bit j: the second token's slot j is done
-  for (int64_t ja = 0; ja < k; ++ja) {
-    const int64_t e = X.expert(first, ja);
-    int64_t jb = 0;
-    while (pairs && jb < k && ((taken >> jb & 1) || X.expert(second, jb) != e)) ++jb;
-    if (pairs && jb < k) {
-      taken |= uint64_t(1) << jb;
-      const SlotRef a = ref(0, ja), b = ref(1, jb);
-      slots(e, a, b);
-    } else {
-      slots(e, ref(0, ja));
+  const bool grouped = k <= 64;
+  bool started[kGroup] = {};
+  uint64_t done[kGroup] = {};  // bit j: the token's slot j is done
+  for (int a = 0; a < count; ++a) {
+    for (int64_t ja = 0; ja < k; ++ja) {
+      if (grouped && (done[a] >> ja & 1)) continue;
+      const int64_t e = X.expert(tokens[a], ja);
+      SlotRef group[kGroup];
+      int size = 0;
+      const auto take = [&](int which, int64_t j) {
+        group[size++] = SlotRef{which, j, started[which]};
+        started[which] = true;
+        if (grouped) done[which] |= uint64_t(1) << j;
+      };
+      take(a, ja);
+      for (int b = a + 1; grouped && b < count; ++b) {
+        int64_t jb = 0;
+        while (jb < k && ((done[b] >> jb & 1) || X.expert(tokens[b], jb) != e)) ++jb;
+        if (jb < k) take(b, jb);
+      }
+      switch (size) {
+        case 1: slots(e, group[0]); break;
+        case 2: slots(e, group[0], group[1]); break;
+        case 3: slots(e, group[0], group[1], group[2]); break;
+        default: slots(e, group[0], group[1], group[2], group[3]);
+      }
     }
-  }
-  for (int64_t jb = 0; second >= 0 && jb < k; ++jb) {
-    if (!pairs || !(taken >> jb & 1)) slots(X.expert(second, jb), ref(1, jb));
   }
 }
 
@@ -617,17 +628,18 @@ at::Tensor mm_as(const at::Tensor& a, const at::Tensor& b, at::ScalarType dtype,
     __VA_ARGS__();                                                           \
   })
 
-// y += V B2sᵀ + p_sum ⊗ b2 for one tile, the terms in B2s's and b2's dtype (factor_gemm_dtype), added to y
-// in place when that is y's dtype, else once.
-void add_low_rank_and_bias(at::Tensor& y, const at::Tensor& V, const at::Tensor& B2s, const at::Tensor& p_sum,
-                           const at::Tensor& b2) {
-  if (!V.defined() && !b2.defined()) return;
-  const auto dtype = (V.defined() ? B2s : b2).scalar_type();
-  const bool same = y.scalar_type() == dtype;
-  at::Tensor terms = same ? y : at::zeros(y.sizes(), y.options().dtype(dtype));
-  if (V.defined()) terms.addmm_(V.to(dtype), B2s.t());
-  if (b2.defined()) terms.addr_(p_sum, b2);
-  if (!same) y.add_(terms);
+// y += [V | p_sum] [B2s | b2]ᵀ for one tile: the fc2 low-rank term V B2sᵀ and the bias term p_sum ⊗ b2 in
+// one product (either part may be absent; fc2_right undefined: neither), in fc2_right's dtype
+// (factor_gemm_dtype), added in place when that is y's dtype.  (A separate bf16 addr_ for the bias took
+// ~0.7 ms per SAM3-shape forward.)
+void add_fc2_terms(at::Tensor& y, const at::Tensor& V, const at::Tensor& p_sum, const at::Tensor& fc2_right) {
+  if (!fc2_right.defined()) return;
+  std::vector<at::Tensor> left;
+  if (V.defined()) left.push_back(V);
+  if (p_sum.defined()) left.push_back(p_sum.unsqueeze(1));
+  const at::Tensor l = (left.size() == 1 ? left[0] : at::cat(left, 1)).to(fc2_right.scalar_type());
+  if (y.scalar_type() == l.scalar_type()) y.addmm_(l, fc2_right.t());
+  else y.add_(at::mm(l, fc2_right.t()));
 }
 
 // ---- forward ---------------------------------------------------------------------------------------
@@ -635,7 +647,8 @@ void add_low_rank_and_bias(at::Tensor& y, const at::Tensor& V, const at::Tensor&
 struct ForwardTensors {
   at::Tensor x, W1, Wg, W2;      // contiguous, in the GEMM dtype; Wg undefined for a plain FFN
   at::Tensor b1;                  // [pre width] (gated: b1 then b_g), contiguous, in the compute dtype
-  at::Tensor b2, p_sum, B2s;      // contiguous, in factor_gemm_dtype
+  at::Tensor p_sum;               // [T] Σ_j p_j in the compute dtype; undefined without b2
+  at::Tensor fc2_right;           // [D, E·r (+1)] = [B2s | b2] in factor_gemm_dtype; undefined: neither
   at::Tensor y, pre;          // outputs in the GEMM dtype; pre undefined when not saved
   at::Tensor V;               // output in the compute dtype; undefined when fc2 is not adapted
 };
@@ -680,9 +693,9 @@ void forward_tiles(const Experts<acc_t>& X, ForwardTensors& ts) {
     // cache, ran ~35% slower (SAM3 shape, bf16, one thread: 0.74 vs 0.55 ms per tile).
     at::Tensor pre_scratch = at::empty({rows, P}, opts);
     at::Tensor mixed = at::empty({rows, F}, opts);
-    // per token of a pair: h [F], mixed [F], pre [P] in the compute dtype
+    // per token of a group: h [F], mixed [F], pre [P] in the compute dtype
     const int64_t per_token = 2 * F + P;
-    at::Tensor rows_acc = at::empty({2 * per_token}, opts.dtype(c10::CppTypeToScalarType<acc_t>::value));
+    at::Tensor rows_acc = at::empty({kGroup * per_token}, opts.dtype(c10::CppTypeToScalarType<acc_t>::value));
     const acc_t* b1 = ptr_or_null<acc_t>(ts.b1);
     std::vector<int64_t> order;
     for (int64_t tile = begin; tile < end; ++tile) {
@@ -691,34 +704,35 @@ void forward_tiles(const Experts<acc_t>& X, ForwardTensors& ts) {
       at::Tensor x_tile = ts.x.narrow(0, t0, n), y = ts.y.narrow(0, t0, n), m = mixed.narrow(0, 0, n);
       input_products(pre, x_tile, ts.W1, ts.Wg);
       tokens_by_experts(X, t0, n, order);
-      for (size_t i = 0; i < order.size(); i += 2) {
-        const int64_t pair[2] = {order[i], i + 1 < order.size() ? order[i + 1] : -1};
-        scalar_t* m_rows[2];
-        acc_t *h_rows[2], *mixed_acc[2], *pre_acc[2];
-        for (int a = 0; a < 2 && pair[a] >= 0; ++a) {
-          m_rows[a] = row_of<scalar_t>(m, pair[a] - t0, F);
-          scalar_t* pre_row = row_of<scalar_t>(pre, pair[a] - t0, P);
+      for (int64_t i = 0; i < n; i += kGroup) {
+        const int64_t* group = order.data() + i;
+        const int count = static_cast<int>(std::min<int64_t>(kGroup, n - i));
+        scalar_t* m_rows[kGroup];
+        acc_t *h_rows[kGroup], *mixed_acc[kGroup], *pre_acc[kGroup];
+        for (int a = 0; a < count; ++a) {
+          m_rows[a] = row_of<scalar_t>(m, group[a] - t0, F);
+          scalar_t* pre_row = row_of<scalar_t>(pre, group[a] - t0, P);
           h_rows[a] = rows_acc.data_ptr<acc_t>() + a * per_token;
           mixed_acc[a] = accumulator_row(m_rows[a], h_rows[a] + F);
           pre_acc[a] = accumulator_row(pre_row, h_rows[a] + 2 * F);
           compute_row(pre_row, pre_acc[a], P);
           if (b1) add_row(b1, pre_acc[a], P);
-          if (ts.pre.defined()) copy_row(pre_acc[a], row_of<scalar_t>(ts.pre, pair[a], P), P);
+          if (ts.pre.defined()) copy_row(pre_acc[a], row_of<scalar_t>(ts.pre, group[a], P), P);
         }
         const auto slot = [&](const SlotRef& ref) {
-          const int64_t t = pair[ref.which];
+          const int64_t t = group[ref.which];
           return ForwardSlot<acc_t>{t, X.weight(t, ref.j), pre_acc[ref.which], mixed_acc[ref.which],
                                     row_of<acc_t>(ts.V, t, X.experts * X.rank), h_rows[ref.which], ref.accumulate};
         };
-        for_each_expert_group(X, pair[0], pair[1], [&](int64_t e, const auto&... refs) {
+        for_each_expert_group(X, group, count, [&](int64_t e, const auto&... refs) {
           const ForwardSlot<acc_t> slots[] = {slot(refs)...};
           forward_slots<acc_t, A, kGated, sizeof...(refs)>(X, e, slots);
         });
-        for (int a = 0; a < 2 && pair[a] >= 0; ++a) store_row(mixed_acc[a], m_rows[a], F);
+        for (int a = 0; a < count; ++a) store_row(mixed_acc[a], m_rows[a], F);
       }
       at::mm_out(y, m, ts.W2.t());
-      add_low_rank_and_bias(y, X.A2 ? ts.V.narrow(0, t0, n) : at::Tensor(), ts.B2s,
-                            ts.b2.defined() ? ts.p_sum.narrow(0, t0, n) : at::Tensor(), ts.b2);
+      add_fc2_terms(y, X.A2 ? ts.V.narrow(0, t0, n) : at::Tensor(),
+                    ts.p_sum.defined() ? ts.p_sum.narrow(0, t0, n) : at::Tensor(), ts.fc2_right);
     }
   });
 }
@@ -786,11 +800,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_moe_fwd_cpu(
   ts.Wg = optional_as(gate_weight, gemm);
   ts.b1 = pre_bias(s, fc1_bias, gate_bias, x.options().dtype(dtype));
   ts.W2 = contiguous_as(fc2_weight, gemm);
-  ts.b2 = optional_as(fc2_bias, factor_gemm);
   const at::Tensor p = contiguous_as(weights, dtype), idx = contiguous_as(indices, at::kLong);
-  if (ts.b2.defined()) ts.p_sum = p.sum(1).to(factor_gemm);
   const Factors f = prepare_factors(s, fc1_A, fc1_B, fc2_A, fc2_B, scale, dtype, gate_A, gate_B);
-  if (f.B2s.defined()) ts.B2s = f.B2s.to(factor_gemm);
+  std::vector<at::Tensor> fc2_right;
+  if (f.B2s.defined()) fc2_right.push_back(f.B2s);
+  if (fc2_bias.has_value()) {
+    ts.p_sum = p.sum(1);
+    fc2_right.push_back(fc2_bias->to(dtype).unsqueeze(1));
+  }
+  if (!fc2_right.empty()) ts.fc2_right = at::cat(fc2_right, 1).to(factor_gemm).contiguous();
   // U = x A1ᵀ through the factor product (bf16: rounded once, as x W1ᵀ is), except for relu: its derivative
   // jumps at z = 0, so there U stays exact in fp32 and only the frozen product's rounding moves z.
   at::Tensor U;
@@ -844,10 +862,10 @@ void backward_tiles(const Experts<acc_t>& X, BackwardTensors& ts) {
     const auto opts = ts.g.options();
     const int64_t thread = at::get_thread_num();  // owns slice `thread` of the [threads, E, r, F] accumulators
     at::Tensor grad_mixed = at::empty({rows, F}, opts);
-    // per token of a pair: h, gz, gg and the compute-dtype copies of grad_mixed, mixed [F each], pre and
+    // per token of a group: h, gz, gg and the compute-dtype copies of grad_mixed, mixed [F each], pre and
     // grad_pre [P each]
     const int64_t per_token = 5 * F + 2 * P;
-    at::Tensor scratch = at::empty({2 * per_token}, opts.dtype(c10::CppTypeToScalarType<acc_t>::value));
+    at::Tensor scratch = at::empty({kGroup * per_token}, opts.dtype(c10::CppTypeToScalarType<acc_t>::value));
     at::Tensor grad_pre_scratch = ts.grad_pre.defined() ? at::Tensor() : at::empty({rows, P}, opts);
     std::vector<int64_t> order;
     for (int64_t tile = begin; tile < end; ++tile) {
@@ -856,12 +874,13 @@ void backward_tiles(const Experts<acc_t>& X, BackwardTensors& ts) {
       at::Tensor grad_pre = ts.grad_pre.defined() ? ts.grad_pre.narrow(0, t0, n) : grad_pre_scratch.narrow(0, 0, n);
       at::mm_out(gm, g, ts.W2);
       tokens_by_experts(X, t0, n, order);
-      for (size_t i = 0; i < order.size(); i += 2) {
-        const int64_t pair[2] = {order[i], i + 1 < order.size() ? order[i + 1] : -1};
-        TokenGrads<acc_t> G[2];
-        scalar_t *grad_pre_rows[2], *mixed_rows[2];
-        for (int a = 0; a < 2 && pair[a] >= 0; ++a) {
-          const int64_t token = pair[a], t = token - t0;
+      for (int64_t i = 0; i < n; i += kGroup) {
+        const int64_t* group = order.data() + i;
+        const int count = static_cast<int>(std::min<int64_t>(kGroup, n - i));
+        TokenGrads<acc_t> G[kGroup];
+        scalar_t *grad_pre_rows[kGroup], *mixed_rows[kGroup];
+        for (int a = 0; a < count; ++a) {
+          const int64_t token = group[a], t = token - t0;
           acc_t* const row = scratch.data_ptr<acc_t>() + a * per_token;
           acc_t* const pre_scratch = row + 5 * F;
           grad_pre_rows[a] = row_of<scalar_t>(grad_pre, t, P);
@@ -884,14 +903,14 @@ void backward_tiles(const Experts<acc_t>& X, BackwardTensors& ts) {
                                    row + 2 * F};
         }
         const auto slot = [&](const SlotRef& ref) {
-          const int64_t t = pair[ref.which];
+          const int64_t t = group[ref.which];
           return BackwardSlot<acc_t>{&G[ref.which], t, ref.j, X.weight(t, ref.j), ref.accumulate};
         };
-        for_each_expert_group(X, pair[0], pair[1], [&](int64_t e, const auto&... refs) {
+        for_each_expert_group(X, group, count, [&](int64_t e, const auto&... refs) {
           const BackwardSlot<acc_t> slots[] = {slot(refs)...};
           backward_slots<acc_t, A, kGated, sizeof...(refs)>(X, e, slots);
         });
-        for (int a = 0; a < 2 && pair[a] >= 0; ++a) {
+        for (int a = 0; a < count; ++a) {
           store_row(G[a].grad_pre, grad_pre_rows[a], P);
           if (mixed_rows[a]) store_row(G[a].mixed, mixed_rows[a], F);
         }
