@@ -277,7 +277,7 @@ dim3 tile_grid(const MoeSizes& s) {
 void refuse_gate(const c10::optional<at::Tensor>& gate_weight) {
   TORCH_CHECK(!gate_weight.has_value(), "lowrank_moe: the CUDA kernels have no gated FFN (SwiGLU/GeGLU) path: "
               "expected gate_weight=None, got a tensor of shape ", gate_weight->sizes(),
-              "; a gated layer runs on backend='torch' (backend='auto' picks one that can)");
+              "; a gated layer runs on backend='triton' or 'torch' (backend='auto' picks one that can)");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_moe_fwd_cuda(

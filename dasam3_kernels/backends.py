@@ -26,13 +26,13 @@ _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 # - float32: fused 0.86-0.93x the dense FFN forward, 1.13-1.15x training; torch 1.31-1.40x / 1.96-2.04x
 #   (AMD EPYC AVX512; the issue-12 Intel Xeon AMX run: fused 0.94-1.04x / 1.22-1.26x, torch 1.78x / 2.51x);
 # - bfloat16 (autocast): both multiply in bf16 (oneDNN: AVX512-BF16 / AMX), the fused kernel's per-token
-#   passes beat torch's chunked elementwise passes: fused 1.00-1.21x / 1.51-1.61x, torch 1.62-2.05x /
-#   3.33-3.53x (EPYC AVX512-BF16, 1 thread, CPU time);
+#   passes beat torch's chunked elementwise passes: fused 0.97-1.34x / 1.17-1.61x, torch 1.58-2.31x /
+#   2.90-3.83x (EPYC AVX512-BF16, 1 thread, CPU time, the dense FFN's time swinging most);
 # - float16: without AVX512-FP16/AMX-FP16 the fused kernel multiplies in fp32 while torch runs emulated
 #   fp16 GEMMs: forward 233 ms fused vs 1858 ms torch (EPYC, 1 thread, benchmarks/bench_cpu_kernel.py).
 # Gated layers (SwiGLU, LLaMA-like shape, benchmarks/bench_gated.py, EPYC, 1 thread, CPU time): fused
-# 1.10x / 1.31x the dense gated FFN forward (fp32 / bf16), 1.18x / 1.58x training; torch 1.12x / 1.30x,
-# 1.32x / 1.87x: the forwards tie, the fused training step is faster, so gated layers take the same order.
+# 1.11x / 1.19x the dense gated FFN forward (fp32 / bf16), 1.17x / 1.38x training; torch 1.12x / 1.31x,
+# 1.30x / 1.86x: the fused kernel is the faster of the two, so gated layers take the same order.
 _CPU_AUTO_ORDER = {torch.float32: ("cpu", "torch"), torch.bfloat16: ("cpu", "torch"),
                    torch.float16: ("cpu", "torch")}
 
@@ -122,7 +122,8 @@ _LOADERS: dict[str, Callable[[], Backend]] = {
 def gated_unsupported(name: str) -> RuntimeError:
     """The error for a gated layer on a backend that has no gated kernel."""
     return RuntimeError(f"backend {name!r} has no gated-FFN (SwiGLU/GeGLU) kernel yet: a gated layer runs on "
-                        "backend='torch' or 'reference' (backend='auto' picks one that can)")
+                        "backend='cpu' (the fused CPU kernel), 'triton' (GPUs), 'torch' or 'reference' "
+                        "(backend='auto' picks one that can)")
 
 
 def check_backend_name(name: str) -> str:
