@@ -46,6 +46,18 @@ def test_several_tiles_match_reference(case: Case, gated: bool):
 
 @needs_extension
 @gated_or_plain
+@pytest.mark.parametrize("case", [Case(tokens=37, d_model=8, d_ff=20, experts=3, top_k=3, skew=True),
+                                  Case(tokens=9, d_model=4, d_ff=24, experts=70, top_k=66, rank=1)],
+                         ids=["k=E,skew,odd-tokens", "k=66"])
+def test_slot_grouping_matches_reference(case: Case, gated: bool):
+    """The per-token passes take four tokens' slots at a time, grouped by expert (for_each_expert_group in
+    csrc/damoe_cpu.cpp): full groups where every token has every expert, a last group of one token, and
+    above 64 slots per token (its bit mask) each slot alone."""
+    check_op_against_reference(case, gated)
+
+
+@needs_extension
+@gated_or_plain
 @pytest.mark.parametrize("half_gemm", ["1", "0"], ids=["half-gemm", "fp32-gemm"])
 @pytest.mark.parametrize("case", [Case(dtype=torch.bfloat16), Case(dtype=torch.float16, skew=True),
                                   Case(dtype=torch.bfloat16, noncontiguous=True, activation="relu"),
