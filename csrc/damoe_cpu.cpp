@@ -320,11 +320,18 @@ void store_row(const acc_t* src, scalar_t* dst, int64_t n) {
   }
 }
 
-// Writes compute-type row `src` to a distinct storage row `dst`, rounding once.
+// Copies a token's pre-activation, b1 included, to its saved row `saved`: from its storage row `row` when
+// that holds it already (no b1, or b1 added in place because the types agree), else from the compute-type
+// row `with_b1`, rounded once.
 template <typename acc_t, typename scalar_t>
-void copy_row(const acc_t* src, scalar_t* dst, int64_t n) {
-  if constexpr (std::is_same_v<acc_t, scalar_t>) std::copy(src, src + n, dst);
-  else store_row(src, dst, n);
+void save_pre_row(const scalar_t* row, const acc_t* with_b1, bool has_b1, scalar_t* saved, int64_t n) {
+  if constexpr (!std::is_same_v<acc_t, scalar_t>) {
+    if (has_b1) {
+      store_row(with_b1, saved, n);
+      return;
+    }
+  }
+  std::copy(row, row + n, saved);
 }
 
 // Routing and factors of one call, as raw row-major pointers in scalar_t.
@@ -717,7 +724,9 @@ void forward_tiles(const Experts<acc_t>& X, ForwardTensors& ts) {
           pre_acc[a] = accumulator_row(pre_row, h_rows[a] + 2 * F);
           compute_row(pre_row, pre_acc[a], P);
           if (b1) add_row(b1, pre_acc[a], P);
-          if (ts.pre.defined()) copy_row(pre_acc[a], row_of<scalar_t>(ts.pre, group[a], P), P);
+          if (ts.pre.defined()) {
+            save_pre_row(pre_row, pre_acc[a], b1 != nullptr, row_of<scalar_t>(ts.pre, group[a], P), P);
+          }
         }
         const auto slot = [&](const SlotRef& ref) {
           const int64_t t = group[ref.which];
