@@ -623,6 +623,13 @@ at::ScalarType factor_gemm_dtype(at::ScalarType gemm) {
   return gemm == at::kBFloat16 ? gemm : compute_dtype(gemm);
 }
 
+// The dtype of U = x A1ᵀ: factor_gemm_dtype (bf16: rounded once, as x W1ᵀ is), except for relu, whose
+// derivative jumps at z = 0: there U stays exact in the compute dtype, so that only the frozen product's
+// rounding moves z (a bf16 U flipped one kink in the bf16 relu test: dx off by 16 % of its scale).
+at::ScalarType u_gemm_dtype(at::ScalarType gemm, Activation act) {
+  return act == Activation::kRelu ? compute_dtype(gemm) : factor_gemm_dtype(gemm);
+}
+
 // a b with both in `dtype`, returned in `out`.
 at::Tensor mm_as(const at::Tensor& a, const at::Tensor& b, at::ScalarType dtype, at::ScalarType out) {
   return at::mm(a.to(dtype), b.to(dtype)).to(out);
@@ -818,13 +825,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_moe_fwd_cpu(
     fc2_right.push_back(fc2_bias->to(dtype).unsqueeze(1));
   }
   if (!fc2_right.empty()) ts.fc2_right = at::cat(fc2_right, 1).to(factor_gemm).contiguous();
-  // U = x A1ᵀ through the factor product (bf16: rounded once, as x W1ᵀ is), except for relu: its derivative
-  // jumps at z = 0, so there U stays exact in fp32 and only the frozen product's rounding moves z.
-  at::Tensor U;
-  if (s.u_width() > 0) {
-    U = act == Activation::kRelu ? at::mm(contiguous_as(x, dtype), f.A1s.t())
-                                 : mm_as(ts.x, f.A1s.t(), factor_gemm, dtype);
-  }
+  const at::Tensor U = s.u_width() > 0 ? mm_as(ts.x, f.A1s.t(), u_gemm_dtype(gemm, act), dtype) : at::Tensor();
   ts.V = s.adapt_fc2 ? at::zeros({s.tokens, Er}, p.options()) : at::Tensor();
   ts.y = at::empty({s.tokens, s.d_model}, ts.x.options());
   if (save_for_backward) ts.pre = at::empty({s.tokens, s.pre_width()}, ts.x.options());
