@@ -144,7 +144,8 @@ def _layer(args, activation: str, backend: str, expert_type: str, device, dtype,
 # name: (backend, expert_type, gated) of the layer contenders; the dense FFNs are timed first, as the baselines.
 LAYER_VARIANTS = {"torch": ("torch", "lowrank", False), "standard_moe": ("auto", "full", False),
                   "triton": ("triton", "lowrank", False), "cuda": ("cuda", "lowrank", False),
-                  "torch_gated": ("torch", "lowrank", True), "triton_gated": ("triton", "lowrank", True)}
+                  "torch_gated": ("torch", "lowrank", True), "triton_gated": ("triton", "lowrank", True),
+                  "cuda_gated": ("cuda", "lowrank", True)}
 OP_VARIANTS = ("torch", "triton", "cuda")
 
 
@@ -223,6 +224,8 @@ RATIOS = {
     "triton_gated_forward_vs_dense_gated": (("layers", "triton_gated", FORWARD), ("layers", "dense_gated", FORWARD)),
     "triton_gated_train_vs_dense_gated": (("layers", "triton_gated", TRAIN), ("layers", "dense_gated", TRAIN)),
     "torch_vs_triton_gated_train": (("layers", "torch_gated", TRAIN), ("layers", "triton_gated", TRAIN)),
+    "cuda_gated_forward_vs_dense_gated": (("layers", "cuda_gated", FORWARD), ("layers", "dense_gated", FORWARD)),
+    "cuda_gated_train_vs_dense_gated": (("layers", "cuda_gated", TRAIN), ("layers", "dense_gated", TRAIN)),
 }
 
 

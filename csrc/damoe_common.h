@@ -10,6 +10,8 @@
 //   g_tj = W_g x_t + b_g + s B_g[e] A_g[e] x_t,  h_tj = act(g_tj) ⊙ z_tj,  and W_g x_t also once per token.
 #pragma once
 
+#include "damoe_activation.h"
+
 #include <ATen/ATen.h>
 
 #include <array>
@@ -29,7 +31,6 @@ namespace dasam3 {
 // (gated: [T, 2F], the gate's half second) and m = Σ_j p_j h_j (for the frozen weights' gradients), and
 // the gradients of (gate_A, gate_B); empty where not computed.
 
-enum class Activation { kGelu, kGeluTanh, kRelu, kSilu, kQuickGelu };
 
 inline Activation parse_activation(c10::string_view name) {
   if (name == "gelu") return Activation::kGelu;
@@ -41,17 +42,6 @@ inline Activation parse_activation(c10::string_view name) {
               std::string(name.data(), name.size()), "'");
 }
 
-// fn(std::integral_constant<Activation, act>{}): a kernel template instantiated per activation.
-template <typename Fn>
-void with_activation(Activation act, Fn&& fn) {
-  switch (act) {
-    case Activation::kGelu: return fn(std::integral_constant<Activation, Activation::kGelu>{});
-    case Activation::kGeluTanh: return fn(std::integral_constant<Activation, Activation::kGeluTanh>{});
-    case Activation::kRelu: return fn(std::integral_constant<Activation, Activation::kRelu>{});
-    case Activation::kSilu: return fn(std::integral_constant<Activation, Activation::kSilu>{});
-    case Activation::kQuickGelu: return fn(std::integral_constant<Activation, Activation::kQuickGelu>{});
-  }
-}
 
 // Sizes of one call; experts/rank are 0 when no projection is adapted.
 struct MoeSizes {
@@ -314,6 +304,70 @@ inline std::array<at::Tensor, 6> factor_grads(const MoeSizes& s, double scale, c
   }
   for (auto& grad : grads) grad = or_empty(grad, x.options());
   return grads;
+}
+
+// ---- pieces both implementations build their ops from ----------------------------------------
+
+// fn(std::integral_constant<bool, gated>{}): a kernel template instantiated for plain and gated FFNs.
+template <typename Fn>
+inline void with_gating(bool gated, Fn&& fn) {
+  if (gated) fn(std::true_type{});
+  else fn(std::false_type{});
+}
+
+template <typename T>
+T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : nullptr;
+}
+
+// Where the columns of U (and of grad_U) of fc1 and of the gate start: {fc1's or null, the gate's or null}.
+template <typename T>
+std::array<T*, 2> input_columns(const MoeSizes& s, const at::Tensor& U) {
+  T* const base = s.u_width() > 0 ? U.data_ptr<T>() : nullptr;
+  return {s.adapt_fc1 ? base : nullptr, s.adapt_gate ? base + (s.adapt_fc1 ? s.experts * s.rank : 0) : nullptr};
+}
+
+inline at::Tensor optional_as(const c10::optional<at::Tensor>& t, at::ScalarType dtype) {
+  return t.has_value() ? contiguous_as(*t, dtype) : at::Tensor();
+}
+
+// The bias of a row of pre [P]: fc1's, gated followed by the gate's (zeros for a missing one), in
+// `options`' dtype; undefined when there is no bias to add.
+inline at::Tensor pre_bias(const MoeSizes& s, const c10::optional<at::Tensor>& fc1_bias,
+                           const c10::optional<at::Tensor>& gate_bias, const at::TensorOptions& options) {
+  if (!s.gated || !(fc1_bias.has_value() || gate_bias.has_value())) {
+    return optional_as(fc1_bias, c10::typeMetaToScalarType(options.dtype()));
+  }
+  const auto half = [&](const c10::optional<at::Tensor>& b) {
+    return b.has_value() ? b->to(options.dtype()) : at::zeros({s.d_ff}, options);
+  };
+  return at::cat({half(fc1_bias), half(gate_bias)}).contiguous();
+}
+
+// pre [n, F or 2F] = x_tile [W1; W_g]ᵀ: the gated FFN's two products of one x tile side by side, each
+// GEMM writing its half in place (BLAS takes the row stride).  Without the biases: addmm_out would first
+// copy them to every row (the CPU kernel adds them per token).
+inline void input_products(at::Tensor& pre, const at::Tensor& x_tile, const at::Tensor& W1, const at::Tensor& Wg) {
+  if (!Wg.defined()) {
+    at::mm_out(pre, x_tile, W1.t());
+    return;
+  }
+  const int64_t F = W1.size(0);
+  at::Tensor fc1_half = pre.narrow(1, 0, F), gate_half = pre.narrow(1, F, F);
+  at::mm_out(fc1_half, x_tile, W1.t());
+  at::mm_out(gate_half, x_tile, Wg.t());
+}
+
+// gx = grad_pre [W1; W_g]: the gradient of x through the frozen products (gated: both halves of grad_pre).
+inline void input_products_grad(at::Tensor& gx, const at::Tensor& grad_pre, const at::Tensor& W1,
+                                const at::Tensor& Wg) {
+  if (!Wg.defined()) {
+    at::mm_out(gx, grad_pre, W1);
+    return;
+  }
+  const int64_t F = W1.size(0);
+  at::mm_out(gx, grad_pre.narrow(1, 0, F), W1);
+  gx.addmm_(grad_pre.narrow(1, F, F), Wg);
 }
 
 }  // namespace dasam3

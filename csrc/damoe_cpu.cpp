@@ -569,11 +569,6 @@ void backward_slots(const Experts<scalar_t>& X, int64_t e, const BackwardSlot<sc
     add_outer<kN>(coeff_rows, h_rows, count, F, shared.grad_A2 + (e * r + i0) * F);
   }
 }
-template <typename T>
-T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : nullptr;
-}
-
 // Row `row` of a row-major tensor with rows of `width` elements; null for an undefined tensor.
 template <typename T>
 T* row_of(const at::Tensor& t, int64_t row, int64_t width) {
@@ -667,20 +662,6 @@ struct ForwardTensors {
   at::Tensor V;               // output in the compute dtype; undefined when fc2 is not adapted
 };
 
-// pre [n, F or 2F] = x_tile [W1; W_g]ᵀ: the gated FFN's two products of one x tile side by side, each
-// GEMM writing its half in place (BLAS takes the row stride).  The biases are added per token:
-// addmm_out would first copy them to every row.
-void input_products(at::Tensor& pre, const at::Tensor& x_tile, const at::Tensor& W1, const at::Tensor& Wg) {
-  if (!Wg.defined()) {
-    at::mm_out(pre, x_tile, W1.t());
-    return;
-  }
-  const int64_t F = W1.size(0);
-  at::Tensor fc1_half = pre.narrow(1, 0, F), gate_half = pre.narrow(1, F, F);
-  at::mm_out(fc1_half, x_tile, W1.t());
-  at::mm_out(gate_half, x_tile, Wg.t());
-}
-
 // The tokens t0..t0+n of a tile in the order the per-token pass takes them: grouped by their first two
 // experts (as a set), so consecutive tokens read the same experts' factor rows from L2.  The per-token
 // pass reads r rows of F floats per slot and adapted projection (3·E·r·F floats for all experts: 1 MiB
@@ -753,46 +734,22 @@ void forward_tiles(const Experts<acc_t>& X, ForwardTensors& ts) {
   });
 }
 
-at::Tensor optional_as(const c10::optional<at::Tensor>& t, at::ScalarType dtype) {
-  return t.has_value() ? contiguous_as(*t, dtype) : at::Tensor();
-}
-
-// b1 [P] for the per-token pass: fc1's bias, gated followed by the gate's (zeros for a missing one);
-// undefined when there is no bias to add.
-at::Tensor pre_bias(const MoeSizes& s, const c10::optional<at::Tensor>& fc1_bias,
-                    const c10::optional<at::Tensor>& gate_bias, const at::TensorOptions& compute) {
-  if (!s.gated || !(fc1_bias.has_value() || gate_bias.has_value())) {
-    return optional_as(fc1_bias, c10::typeMetaToScalarType(compute.dtype()));
-  }
-  const auto half = [&](const c10::optional<at::Tensor>& b) {
-    return b.has_value() ? b->to(compute.dtype()) : at::zeros({s.d_ff}, compute);
-  };
-  return at::cat({half(fc1_bias), half(gate_bias)}).contiguous();
-}
-
 template <typename scalar_t>
 Experts<scalar_t> experts_view(const MoeSizes& s, const at::Tensor& indices, const at::Tensor& p,
                                const at::Tensor& U, const Factors& f) {
-  scalar_t* const u = s.u_width() > 0 ? U.data_ptr<scalar_t>() : nullptr;
+  const auto [u1, ug] = input_columns<scalar_t>(s, U);
   return Experts<scalar_t>{s.d_ff,
                            s.top_k,
                            s.experts,
                            s.rank,
                            indices.data_ptr<int64_t>(),
                            p.data_ptr<scalar_t>(),
-                           s.adapt_fc1 ? u : nullptr,
-                           s.adapt_gate ? u + (s.adapt_fc1 ? s.experts * s.rank : 0) : nullptr,
+                           u1,
+                           ug,
                            s.u_width(),
                            ptr_or_null<scalar_t>(f.B1t),
                            ptr_or_null<scalar_t>(f.Bgt),
                            ptr_or_null<scalar_t>(f.A2)};
-}
-
-// fn(std::integral_constant<bool, gated>{}): a kernel template instantiated for plain and gated FFNs.
-template <typename Fn>
-void with_gating(bool gated, Fn&& fn) {
-  if (gated) fn(std::true_type{});
-  else fn(std::false_type{});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_moe_fwd_cpu(
@@ -852,17 +809,6 @@ struct BackwardTensors {
   at::Tensor grad_p, grad_U;                  // outputs in the compute dtype
   at::Tensor grad_B1t, grad_Bgt, grad_A2;     // [threads, E, r, F] per-thread accumulators, compute dtype
 };
-
-// gx = grad_pre [W1; W_g]: the gradient of x through the frozen products (gated: both halves of grad_pre).
-void input_products_grad(at::Tensor& gx, const at::Tensor& grad_pre, const at::Tensor& W1, const at::Tensor& Wg) {
-  if (!Wg.defined()) {
-    at::mm_out(gx, grad_pre, W1);
-    return;
-  }
-  const int64_t F = W1.size(0);
-  at::mm_out(gx, grad_pre.narrow(1, 0, F), W1);
-  gx.addmm_(grad_pre.narrow(1, F, F), Wg);
-}
 
 template <typename scalar_t, typename acc_t, Activation A, bool kGated>
 void backward_tiles(const Experts<acc_t>& X, BackwardTensors& ts) {

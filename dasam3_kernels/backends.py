@@ -122,7 +122,7 @@ _LOADERS: dict[str, Callable[[], Backend]] = {
 def gated_unsupported(name: str) -> RuntimeError:
     """The error for a gated layer on a backend that has no gated kernel."""
     return RuntimeError(f"backend {name!r} has no gated-FFN (SwiGLU/GeGLU) kernel yet: a gated layer runs on "
-                        "backend='cpu' (the fused CPU kernel), 'triton' (GPUs), 'torch' or 'reference' "
+                        "backend='cpu' (the fused CPU kernel), 'cuda' or 'triton' (GPUs), 'torch' or 'reference' "
                         "(backend='auto' picks one that can)")
 
 

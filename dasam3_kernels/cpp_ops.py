@@ -249,5 +249,5 @@ def backend(device_type: str) -> Backend:
         load_cuda()
     else:
         cpu_variant()
-    return Backend(name=device_type, lowrank_moe=lowrank_moe, gated_moe=gated_moe if device_type == "cpu" else None,
+    return Backend(name=device_type, lowrank_moe=lowrank_moe, gated_moe=gated_moe,
                    device_error=functools.partial(_device_error, device_type))

@@ -277,9 +277,7 @@ def cuda_library() -> Path | None:
 
 
 _CUDA_TEMPLATE = re.compile(r"(forward|backward)_kernel<(c10::Half|c10::BFloat16|float|double), \w+, "
-                            r"\(dasam3::\(anonymous namespace\)::Activation\)(\d)>|"
-                            r"(forward|backward)_kernel<(c10::Half|c10::BFloat16|float|double), \w+, "
-                            r"\(dasam3::Activation\)(\d)>")
+                            r"\(dasam3::(?:\(anonymous namespace\)::)?Activation\)(\d)(?:, (true|false))?>")
 _CUDA_DTYPES = {"c10::Half": "fp16", "c10::BFloat16": "bf16", "float": "fp32", "double": "fp64"}
 _CUDA_ACTIVATIONS = ACTIVATIONS  # csrc/damoe_common.h's Activation enum lists them in this order
 
@@ -322,11 +320,12 @@ def cuda_entries(arch: str, library: Path, cubin_dir: Path) -> list[Entry]:
         match = _CUDA_TEMPLATE.search(name)
         if match is None:
             continue
-        kind, dtype, act = (match[1], match[2], match[3]) if match[1] else (match[4], match[5], match[6])
+        kind, dtype, act, gated = match.groups()
         u = usage[mangled]
         entries.append(Entry(
             kernel=f"cuda {kind}_kernel", arch=arch, dtype=_CUDA_DTYPES[dtype], activation=_CUDA_ACTIVATIONS[int(act)],
-            config={"threads": 256, "tile": "64x64"}, registers=u.get("registers", 0), spill_bytes=u.get("stack", 0),
+            config={"threads": 256, "tile": "64x64"}, flags={"gated": True} if gated == "true" else {},
+            registers=u.get("registers", 0), spill_bytes=u.get("stack", 0),
             shared_bytes=u.get("shared", 0), tensor_core_instructions=u.get("tensor_core", 0),
             compile_s=round(seconds, 2), cubin=str(cubin), source="cuda",
             local_memory_instructions=u.get("local", 0), shared_limit=shared_limit))

@@ -30,8 +30,7 @@ def _op_inputs(case: Case, device: str, gated: bool):
     problem = make_problem(case, device)
     if not gated:
         return problem, problem.args(), ()
-    assert device == "cpu", "the gated problems are built on the test device (cases.DEVICE)"
-    problem = GatedProblem(case)
+    problem = GatedProblem(case, device=device)
     t = problem.tensors
     args = (problem.x, problem.indices, problem.weights, *(t[n] for n in FROZEN + LORA), case.scale, case.activation)
     return problem, args, tuple(t[n] for n in GATE + GATE_LORA)
@@ -113,14 +112,14 @@ def check_layer_against_reference(device: str, dtype: torch.dtype = torch.float3
     assert grads["router.token_proj.weight"].abs().max() > 0  # the routing weights' gradient reached the router
 
 
-def check_op_against_reference(case: Case, gated: bool) -> None:
-    """Backend "cpu"'s op (gated: `gated_moe`, its gate adapted) vs the per-expert reference: output and
-    every gradient."""
-    backend = load_backend("cpu")
+def check_op_against_reference(case: Case, gated: bool, device: str = "cpu") -> None:
+    """The compiled op on `device` ("cpu" or "cuda"; gated: `gated_moe`, its gate adapted) vs the
+    per-expert reference: output and every gradient."""
+    backend = load_backend(device)
     if gated:
-        check_gated(backend.gated_moe, case)
+        check_gated(backend.gated_moe, case, device=device)
     else:
-        check_against_reference(backend.lowrank_moe, case, device="cpu")
+        check_against_reference(backend.lowrank_moe, case, device=device)
 
 
 def op_and_args(case: Case, gated: bool) -> tuple:

@@ -12,7 +12,8 @@ import torch
 from dasam3_kernels import available_backends, load_backend
 
 from .cases import EDGE_CASES, LOW_PRECISION_CASES, Case, assert_close, check_against_reference, make_problem
-from .ext_checks import MULTI_TILE_CASES, bwd_args, check_layer_against_reference, fwd_args
+from .ext_checks import MULTI_TILE_CASES, bwd_args, check_layer_against_reference, check_op_against_reference, \
+    fwd_args
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -26,7 +27,17 @@ RAGGED_TILE_CASES = [
     *(Case(tokens=131, d_model=70, d_ff=200, dtype=dtype, activation=activation)
       for dtype in (torch.float16, torch.bfloat16) for activation in ("gelu", "silu")),
 ]
-CUDA_CASES = EDGE_CASES + LOW_PRECISION_CASES + MULTI_TILE_CASES + RAGGED_TILE_CASES + SAM3_CASES
+# E·r = 104: the backward's factor-gradient accumulators outgrow 48 KiB of shared memory (plain and gated)
+# and go to global memory.
+GLOBAL_ACCUMULATOR_CASE = Case(tokens=70, d_model=12, d_ff=130, experts=8, top_k=2, rank=13)
+CUDA_CASES = EDGE_CASES + LOW_PRECISION_CASES + MULTI_TILE_CASES + RAGGED_TILE_CASES + SAM3_CASES + \
+    [GLOBAL_ACCUMULATOR_CASE]
+# Gated (test_gated.py runs the edge cases on the GPU too, under DASAM3_TEST_DEVICE=cuda): several tiles,
+# the accumulators in global memory, and a LLaMA-like width in every dtype.
+LLAMA_LIKE_CASES = [Case(tokens=700, d_model=256, d_ff=704, experts=4, top_k=2, rank=8, activation="silu",
+                         dtype=dtype, scale=1.0) for dtype in (torch.float32, torch.float16, torch.bfloat16)]
+GATED_CUDA_CASES = MULTI_TILE_CASES + RAGGED_TILE_CASES + [GLOBAL_ACCUMULATOR_CASE] + LLAMA_LIKE_CASES
+gated_or_plain = pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +54,11 @@ def test_matches_reference(cuda_op, case: Case):
     check_against_reference(cuda_op, case, device="cuda")
 
 
+@pytest.mark.parametrize("case", GATED_CUDA_CASES, ids=str)
+def test_gated_matches_reference(cuda_op, case: Case):
+    check_op_against_reference(case, gated=True, device="cuda")
+
+
 def test_float64_gradcheck(cuda_op):
     problem = make_problem(Case(tokens=6, d_model=5, d_ff=7, rank=2, dtype=torch.float64), device="cuda")
     names = list(problem.differentiable())
@@ -53,18 +69,20 @@ def test_float64_gradcheck(cuda_op):
     assert torch.autograd.gradcheck(fn, [t.detach().requires_grad_() for t in problem.differentiable().values()])
 
 
+@gated_or_plain
 @pytest.mark.parametrize("case", [Case(), Case(adapt=("fc1",), bias=False), Case(dtype=torch.bfloat16)], ids=str)
-def test_op_contracts(cuda_op, case: Case):
-    torch.library.opcheck(torch.ops.dasam3.lowrank_moe_fwd.default, fwd_args(case, "cuda", True))
-    torch.library.opcheck(torch.ops.dasam3.lowrank_moe_fwd.default, fwd_args(case, "cuda", False))
-    torch.library.opcheck(torch.ops.dasam3.lowrank_moe_bwd.default, bwd_args(case, "cuda", True))
+def test_op_contracts(cuda_op, case: Case, gated: bool):
+    torch.library.opcheck(torch.ops.dasam3.lowrank_moe_fwd.default, fwd_args(case, "cuda", True, gated))
+    torch.library.opcheck(torch.ops.dasam3.lowrank_moe_fwd.default, fwd_args(case, "cuda", False, gated))
+    torch.library.opcheck(torch.ops.dasam3.lowrank_moe_bwd.default, bwd_args(case, "cuda", True, gated))
 
 
+@gated_or_plain
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("config", [{"skew": True}, {"context_dim": 6, "activation": "relu"}],
                          ids=["skewed", "context"])
-def test_layer_matches_reference(cuda_op, dtype: torch.dtype, config: dict):
-    check_layer_against_reference("cuda", dtype, "cuda", d_model=24, d_ff=72, **config)
+def test_layer_matches_reference(cuda_op, dtype: torch.dtype, config: dict, gated: bool):
+    check_layer_against_reference("cuda", dtype, "cuda", d_model=24, d_ff=72, gated=gated, **config)
 
 
 def test_deterministic_mode_is_refused(cuda_op):

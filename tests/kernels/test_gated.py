@@ -24,13 +24,13 @@ GATE_LORA = ("gate_A", "gate_B")
 class GatedProblem:
     """A `cases.Problem` plus the gate's frozen weights and lora factors (adapted when "fc1" is)."""
 
-    def __init__(self, case: Case, seed: int = 0, adapt_gate: bool = True):
-        base = make_problem(case, seed=seed)
+    def __init__(self, case: Case, seed: int = 0, adapt_gate: bool = True, device: str = DEVICE):
+        base = make_problem(case, device, seed=seed)
         gen = torch.Generator().manual_seed(seed + 100)
         T, D, F_, E, r = case.tokens, case.d_model, case.d_ff, case.experts, case.rank
 
         def rand(*shape, std=1.0, grad=False):
-            return (torch.randn(*shape, generator=gen) * std).to(DEVICE, case.dtype).requires_grad_(grad)
+            return (torch.randn(*shape, generator=gen) * std).to(device, case.dtype).requires_grad_(grad)
 
         self.case, self.x, self.indices, self.weights = case, base.x, base.indices, base.weights
         self.tensors = dict(base.tensors)
@@ -68,8 +68,8 @@ def _run(op, problem, grad_out=None):
     return y, grad_out, dict(zip(inputs, grads))
 
 
-def check_gated(op, case: Case, adapt_gate: bool = True) -> None:
-    problem = GatedProblem(case, adapt_gate=adapt_gate)
+def check_gated(op, case: Case, adapt_gate: bool = True, device: str = DEVICE) -> None:
+    problem = GatedProblem(case, adapt_gate=adapt_gate, device=device)
     y, grad_out, grads = _run(op, problem)
     oracle = problem.cast(torch.float32 if case.dtype != torch.float32 else torch.float64)
     y_ref, _, grads_ref = _run(gated_moe_reference, oracle, grad_out.to(oracle.x.dtype))
