@@ -52,8 +52,9 @@ def test_gpu_check_script_smoke_runs_on_cpu(tmp_path):
     ratios = result["results"]["relu"]["ratios"]["eager"]
     layers = result["results"]["relu"]["layers"]
     assert set(layers) == {"dense", "torch", "standard_moe", "triton", "cuda", "dense_gated", "torch_gated",
-                           "triton_gated"}
-    assert "cuda" in layers["cuda"]["skipped"]  # recorded with the reason it cannot run on the CPU
+                           "triton_gated", "cuda_gated"}
+    for name in ("cuda", "cuda_gated"):
+        assert "cuda" in layers[name]["skipped"]  # recorded with the reason it cannot run on the CPU
     assert set(result["results"]["relu"]["ops"]) == {"torch", "triton", "cuda"}
     assert all(ratios[name] > 0 for name in ("triton_forward_vs_dense", "triton_train_vs_dense",
                                              "torch_vs_triton_forward", "triton_gated_forward_vs_dense_gated",
