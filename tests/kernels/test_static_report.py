@@ -76,7 +76,8 @@ def test_cuda_extension_kernels_are_read_from_the_library(entries):
     if cuda_library() is None:
         pytest.skip("the CUDA extension is not built (CI builds it)")
     for arch in ARCHS:
-        cuda = {(e.kernel, e.dtype, bool(e.flags.get("gated"))) for e in entries if e.arch == arch and e.source == "cuda"}
+        cuda = {(e.kernel, e.dtype, bool(e.flags.get("gated")))
+                for e in entries if e.arch == arch and e.source == "cuda"}
         assert {(f"cuda {kind}_kernel", "bf16", gated) for kind in ("forward", "backward")
                 for gated in (False, True)} <= cuda, arch  # plain and gated (budget_violations checks them all)
 
