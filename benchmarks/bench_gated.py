@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dasam3.benchmark import Contender, hardware_name, timed_run
+from dasam3.benchmark import Contender, hardware_name, page_faults_text, timed_run
 from dasam3.layers import DAMoE
 from dasam3_kernels import aux_losses, load_backend
 from dasam3_kernels.activations import activation_fn
@@ -137,11 +137,13 @@ def run(dtype: torch.dtype, min_run_time: float = 2.0, clock: str = "wall") -> d
 
 def format_rows(result: dict) -> str:
     lines = [f"gated FFN {LLAMA_SHAPE}, {result['dtype']} ({result['hardware']}, {result['threads']} threads)",
-             f"{'contender':<22} {'forward ms':>11} {'x dense':>8} {'train ms':>10} {'x dense':>8} {'rel err':>9}"]
+             f"{'contender':<22} {'forward ms':>11} {'x dense':>8} {'train ms':>10} {'x dense':>8} {'rel err':>9} "
+             f"{'page faults/call':>17}"]
     for row in result["rows"]:
         error = "" if row["max_rel_error_vs_reference"] is None else f"{row['max_rel_error_vs_reference']:.1e}"
         lines.append(f"{row['name']:<22} {row['forward_ms']:>11.1f} {row['forward_ratio']:>7.2f}x "
-                     f"{row['train_step_ms']:>10.1f} {row['train_step_ratio']:>7.2f}x {error:>9}")
+                     f"{row['train_step_ms']:>10.1f} {row['train_step_ratio']:>7.2f}x {error:>9} "
+                     f"{page_faults_text(row):>17}")
     return "\n".join(lines)
 
 

@@ -127,12 +127,24 @@ def check_contenders(contenders: dict[str, Contender]) -> dict[str, float]:
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
+def minor_page_faults() -> int | None:
+    """The process's minor page faults so far (None where the OS does not count them).  A CPU contender
+    whose fresh large tensors fault in anew each call (glibc returned their pages) pays for it in time."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def interleaved_times(fns: dict[str, Callable[[], object]], min_run_time: float = 1.0,
-                      min_repeats: int = 5, clock: str = "wall") -> dict[str, list[float]]:
+                      min_repeats: int = 5, clock: str = "wall",
+                      faults: dict[str, list[int]] | None = None) -> dict[str, list[float]]:
     """Each function's time in seconds (`clock`: a CLOCKS name) per round, after one warm-up call each:
     every round runs each function once, in turn (round robin), so that load from other processes hits
     them alike; CUDA synchronised around calls.  Rounds continue until every function has `min_repeats`
-    runs and the slowest `min_run_time` seconds."""
+    runs and the slowest `min_run_time` seconds.  `faults`, when given, receives each call's minor page
+    faults by name."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     now = CLOCKS[clock]
     for fn in fns.values():
@@ -141,10 +153,12 @@ def interleaved_times(fns: dict[str, Callable[[], object]], min_run_time: float 
     while min(map(len, times.values())) < min_repeats or max(map(sum, times.values())) < min_run_time:
         for name, fn in fns.items():
             sync()
-            start = now()
+            faults_before, start = minor_page_faults(), now()
             fn()
             sync()
             times[name].append(now() - start)
+            if faults is not None and faults_before is not None:
+                faults.setdefault(name, []).append(minor_page_faults() - faults_before)
     return times
 
 
@@ -196,14 +210,21 @@ def timed_run(contenders: dict[str, Contender], errors: dict[str, float], min_ru
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        forward = interleaved_times({n: c.forward for n, c in contenders.items()}, min_run_time, clock=clock)
-        train = interleaved_times({n: c.train_step for n, c in contenders.items()}, min_run_time, clock=clock)
+        forward_faults: dict[str, list[int]] = {}
+        train_faults: dict[str, list[int]] = {}
+        forward = interleaved_times({n: c.forward for n, c in contenders.items()}, min_run_time, clock=clock,
+                                    faults=forward_faults)
+        train = interleaved_times({n: c.train_step for n, c in contenders.items()}, min_run_time, clock=clock,
+                                  faults=train_faults)
     finally:
         torch.set_num_threads(previous)
     forward_ratio, train_ratio = paired_ratios(forward, "dense FFN"), paired_ratios(train, "dense FFN")
+    median_or_none = lambda counts: statistics.median(counts) if counts else None  # noqa: E731
     rows = [{"name": name, "forward_ms": 1e3 * statistics.median(forward[name]),
              "train_step_ms": 1e3 * statistics.median(train[name]),
              "forward_ratio": forward_ratio[name], "train_step_ratio": train_ratio[name],
+             "forward_page_faults": median_or_none(forward_faults.get(name)),
+             "train_step_page_faults": median_or_none(train_faults.get(name)),
              "max_rel_error_vs_reference": errors.get(name)} for name in contenders]
     return {"threads": threads, "rows": rows, "fastest": fastest_damoe_backends(rows)}
 
@@ -260,12 +281,13 @@ def format_report(result: dict) -> str:
     if result["isa"]:
         lines.append(result["isa"])
     for run in result["runs"]:
-        lines += ["", f"{run['threads']} thread(s)",
-                  f"{'contender':<30} {'forward ms':>11} {'x dense':>8} {'train ms':>10} {'x dense':>8} {'rel err':>9}"]
+        lines += ["", f"{run['threads']} thread(s)", f"{'contender':<30} {'forward ms':>11} {'x dense':>8} "
+                  f"{'train ms':>10} {'x dense':>8} {'rel err':>9} {'page faults/call':>17}"]
         for row in run["rows"]:
             error = "" if row["max_rel_error_vs_reference"] is None else f"{row['max_rel_error_vs_reference']:.1e}"
             lines.append(f"{row['name']:<30} {row['forward_ms']:>11.1f} {row['forward_ratio']:>7.2f}x "
-                         f"{row['train_step_ms']:>10.1f} {row['train_step_ratio']:>7.2f}x {error:>9}")
+                         f"{row['train_step_ms']:>10.1f} {row['train_step_ratio']:>7.2f}x {error:>9} "
+                         f"{page_faults_text(row):>17}")
         lines.append(auto_line(result["auto_picks"], run["fastest"]))
     params = result["params"]
     lines += [
@@ -276,6 +298,12 @@ def format_report(result: dict) -> str:
         f"  reduction                {100 * params['reduction']:>11.2f} %",
     ]
     return "\n".join(lines)
+
+
+def page_faults_text(row: dict) -> str:
+    """"forward / train" median minor page faults per call, or "" where they were not counted."""
+    counts = (row.get("forward_page_faults"), row.get("train_step_page_faults"))
+    return "" if None in counts else f"{counts[0]:.0f} / {counts[1]:.0f}"
 
 
 def auto_line(auto: str, fastest: dict[str, str]) -> str:

@@ -31,8 +31,8 @@ _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 # - float16: without AVX512-FP16/AMX-FP16 the fused kernel multiplies in fp32 while torch runs emulated
 #   fp16 GEMMs: forward 233 ms fused vs 1858 ms torch (EPYC, 1 thread, benchmarks/bench_cpu_kernel.py).
 # Gated layers (SwiGLU, LLaMA-like shape, benchmarks/bench_gated.py, EPYC, 1 thread, CPU time): fused
-# 1.11x / 1.19x the dense gated FFN forward (fp32 / bf16), 1.16x / 1.43x training; torch 1.12x / 1.32x,
-# 1.30x / 1.90x: the fused kernel is the faster of the two, so gated layers take the same order.
+# 1.10x / 1.18x the dense gated FFN forward (fp32 / bf16), 1.16x / 1.37x training; torch 1.11x / 1.31x,
+# 1.29x / 1.88x: the fused kernel is the faster of the two, so gated layers take the same order.
 _CPU_AUTO_ORDER = {torch.float32: ("cpu", "torch"), torch.bfloat16: ("cpu", "torch"),
                    torch.float16: ("cpu", "torch")}
 

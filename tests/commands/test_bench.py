@@ -65,6 +65,20 @@ def test_interleaved_medians_time_each_function_in_turn(clock: str):
     assert set(medians) == {"a", "b"} and all(ms >= 0 for ms in medians.values())
 
 
+@pytest.mark.skipif(benchmark.minor_page_faults() is None, reason="this OS counts no page faults")
+def test_interleaved_times_count_each_calls_page_faults():
+    """A call that touches fresh memory (64 MiB: glibc maps it anew and unmaps it on free) faults every
+    time; one that allocates nothing does not."""
+    faults: dict[str, list[int]] = {}
+    benchmark.interleaved_times({"touch": lambda: bytearray(64 << 20), "idle": lambda: None}, min_run_time=0.0,
+                                min_repeats=3, faults=faults)
+    assert [len(faults[name]) for name in ("touch", "idle")] == [3, 3]
+    assert min(faults["touch"]) > max(faults["idle"])
+    row = {"forward_page_faults": 2024.0, "train_step_page_faults": 11234.0}
+    assert benchmark.page_faults_text(row) == "2024 / 11234"
+    assert benchmark.page_faults_text({}) == ""
+
+
 def test_paired_ratios_pair_each_round_with_its_baseline():
     # Load drifts between rounds: the contender took twice the baseline's time in two rounds of three,
     # which the ratio of the medians (2 / 10) misses and the median of the per-round ratios finds.
