@@ -31,7 +31,6 @@ namespace dasam3 {
 // (gated: [T, 2F], the gate's half second) and m = Σ_j p_j h_j (for the frozen weights' gradients), and
 // the gradients of (gate_A, gate_B); empty where not computed.
 
-
 inline Activation parse_activation(c10::string_view name) {
   if (name == "gelu") return Activation::kGelu;
   if (name == "gelu_tanh") return Activation::kGeluTanh;
@@ -41,7 +40,6 @@ inline Activation parse_activation(c10::string_view name) {
   TORCH_CHECK(false, "lowrank_moe: activation must be one of gelu, gelu_tanh, relu, silu, quick_gelu, got '",
               std::string(name.data(), name.size()), "'");
 }
-
 
 // Sizes of one call; experts/rank are 0 when no projection is adapted.
 struct MoeSizes {
@@ -53,6 +51,8 @@ struct MoeSizes {
   int64_t pre_width() const { return gated ? 2 * d_ff : d_ff; }
   // Width of a row of U: E·r columns for each of fc1 and the gate that is adapted.
   int64_t u_width() const { return (int64_t(adapt_fc1) + int64_t(adapt_gate)) * experts * rank; }
+  // Where the gate's columns of U start: after fc1's, when fc1 is adapted.
+  int64_t gate_column() const { return adapt_fc1 ? experts * rank : 0; }
 };
 
 inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* name, const char* dims) {
@@ -298,7 +298,7 @@ inline std::array<at::Tensor, 6> factor_grads(const MoeSizes& s, double scale, c
     grads[3] = cast_like(unstack_up(at::mm(g.t(), contiguous_as(V, products)).to(compute) * scale, s), fc2_B);
   }
   if (s.adapt_gate) {
-    const auto pair = input_pair_grads(s, scale, xc, grad_U.narrow(1, s.adapt_fc1 ? Er : 0, Er), grad_Bgt, gate_A,
+    const auto pair = input_pair_grads(s, scale, xc, grad_U.narrow(1, s.gate_column(), Er), grad_Bgt, gate_A,
                                        gate_B);
     grads[4] = pair[0], grads[5] = pair[1];
   }
@@ -324,7 +324,7 @@ T* ptr_or_null(const at::Tensor& t) {
 template <typename T>
 std::array<T*, 2> input_columns(const MoeSizes& s, const at::Tensor& U) {
   T* const base = s.u_width() > 0 ? U.data_ptr<T>() : nullptr;
-  return {s.adapt_fc1 ? base : nullptr, s.adapt_gate ? base + (s.adapt_fc1 ? s.experts * s.rank : 0) : nullptr};
+  return {s.adapt_fc1 ? base : nullptr, s.adapt_gate ? base + s.gate_column() : nullptr};
 }
 
 inline at::Tensor optional_as(const c10::optional<at::Tensor>& t, at::ScalarType dtype) {

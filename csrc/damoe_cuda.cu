@@ -169,8 +169,7 @@ lowrank_moe_bwd_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
   at::Tensor grad_x;
   if (need_grad_x) {
     grad_x = at::empty({s.tokens, s.d_model}, g.options());
-    input_products_grad(grad_x, grad_pre, fc1_weight.contiguous(),
-                        gate_weight.has_value() ? gate_weight->contiguous() : at::Tensor());
+    input_products_grad(grad_x, grad_pre, fc1_weight.contiguous(), optional_as(gate_weight, dtype));
     if (s.u_width() > 0) grad_x.add_(at::mm(grad_U, f.A1s).to(dtype));
   }
   const auto lora = factor_grads(s, scale, x, g_acc, V, grad_U, grad_B1t, grad_A2, fc1_A, fc1_B, fc2_A, fc2_B,

@@ -98,15 +98,12 @@ struct ForwardArgs {
   acc_t* V;                // [T, E·r] out (zeroed): Σ_j p_j A2[e_j] h_j in expert e_j's columns
 };
 
-// The lane's two features of row t of pre [T, ld]: fc1's half into z and, gated, the gate's into g
-// (0 past F).
-template <bool kGated, typename scalar_t, typename acc_t>
-__device__ void load_pre(const scalar_t* pre, int64_t ld, int64_t t, int64_t F, int64_t n0, int lane, acc_t (&z)[2],
-                         acc_t (&g)[2]) {
+// The lane's two features (n0 + lane, n0 + lane + 32) of a row of F values, in acc_t (0 past F).
+template <typename scalar_t, typename acc_t>
+__device__ void load_features(const scalar_t* row, int64_t F, int64_t n0, int lane, acc_t (&out)[2]) {
   for (int c = 0; c < 2; ++c) {
     const int64_t f = n0 + lane + 32 * c;
-    z[c] = f < F ? static_cast<acc_t>(pre[t * ld + f]) : acc_t(0);
-    g[c] = kGated && f < F ? static_cast<acc_t>(pre[t * ld + F + f]) : acc_t(0);
+    out[c] = f < F ? static_cast<acc_t>(row[f]) : acc_t(0);
   }
 }
 
@@ -121,7 +118,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardArgs<sca
     const int64_t t = m0 + row;
     if (t >= a.tokens) break;  // uniform across the warp
     acc_t base[2], base_gate[2], mixed[2] = {acc_t(0), acc_t(0)};
-    load_pre<kGated>(a.pre, a.pre_ld, t, F, n0, lane, base, base_gate);
+    load_features(a.pre + t * a.pre_ld, F, n0, lane, base);
+    if constexpr (kGated) load_features(a.pre + t * a.pre_ld + F, F, n0, lane, base_gate);
     for (int64_t j = 0; j < a.top_k; ++j) {
       const int64_t e = a.indices[t * a.top_k + j], u_col = t * a.u_ld + e * r;
       const acc_t pj = a.p[t * a.top_k + j];
@@ -241,10 +239,11 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const BackwardArgs<s
   for (int row = warp * (kTile / kWarps); row < (warp + 1) * (kTile / kWarps); ++row) {
     const int64_t t = m0 + row;
     if (t >= a.tokens) break;  // uniform across the warp
-    acc_t pre[2], pre_gate[2], gm[2], unused[2];
+    acc_t pre[2], pre_gate[2], gm[2];
     acc_t grad_pre[2] = {acc_t(0), acc_t(0)}, grad_pre_gate[2] = {acc_t(0), acc_t(0)}, mixed[2] = {acc_t(0), acc_t(0)};
-    load_pre<kGated>(a.pre, a.pre_ld, t, F, n0, lane, pre, pre_gate);
-    load_pre<false>(a.gm, F, t, F, n0, lane, gm, unused);
+    load_features(a.pre + t * a.pre_ld, F, n0, lane, pre);
+    if constexpr (kGated) load_features(a.pre + t * a.pre_ld + F, F, n0, lane, pre_gate);
+    load_features(a.gm + t * F, F, n0, lane, gm);
     for (int64_t j = 0; j < a.top_k; ++j) {
       const int64_t e = a.indices[t * a.top_k + j], u_col = t * a.u_ld + e * r;
       const acc_t pj = a.p[t * a.top_k + j];

@@ -20,6 +20,11 @@ from torch import nn
 from dasam3.layers import DAMoE, aux_loss, param_report
 from dasam3_kernels import available_backends, resolve_backend
 
+try:
+    import resource  # the page-fault counts; Unix only
+except ImportError:  # Windows
+    resource = None
+
 _ACTIVATION_MODULES = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "gelu_tanh": lambda: nn.GELU("tanh")}
 
 
@@ -130,11 +135,7 @@ CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time
 def minor_page_faults() -> int | None:
     """The process's minor page faults so far (None where the OS does not count them).  A CPU contender
     whose fresh large tensors fault in anew each call (glibc returned their pages) pays for it in time."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return None if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def interleaved_times(fns: dict[str, Callable[[], object]], min_run_time: float = 1.0,
@@ -219,14 +220,17 @@ def timed_run(contenders: dict[str, Contender], errors: dict[str, float], min_ru
     finally:
         torch.set_num_threads(previous)
     forward_ratio, train_ratio = paired_ratios(forward, "dense FFN"), paired_ratios(train, "dense FFN")
-    median_or_none = lambda counts: statistics.median(counts) if counts else None  # noqa: E731
     rows = [{"name": name, "forward_ms": 1e3 * statistics.median(forward[name]),
              "train_step_ms": 1e3 * statistics.median(train[name]),
              "forward_ratio": forward_ratio[name], "train_step_ratio": train_ratio[name],
-             "forward_page_faults": median_or_none(forward_faults.get(name)),
-             "train_step_page_faults": median_or_none(train_faults.get(name)),
+             "forward_page_faults": _median_or_none(forward_faults.get(name)),
+             "train_step_page_faults": _median_or_none(train_faults.get(name)),
              "max_rel_error_vs_reference": errors.get(name)} for name in contenders]
     return {"threads": threads, "rows": rows, "fastest": fastest_damoe_backends(rows)}
+
+
+def _median_or_none(values: list[int] | None) -> float | None:
+    return statistics.median(values) if values else None
 
 
 def fastest_damoe_backends(rows: list[dict]) -> dict[str, str]:
