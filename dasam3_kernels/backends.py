@@ -64,18 +64,18 @@ class Backend:
     lowrank_moe: `(x, indices, weights, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc1_A, fc1_B,
         fc2_A, fc2_B, scale, activation[, dropout_mask, dropout_p]) -> y`, the contract of
         `reference.lowrank_moe_reference`: `y_t = Σ_j p_tj · expert_{e_tj}(x_t)` for any weights p.
+    gated_moe: the contract of `reference.gated_moe_reference` (gated FFNs).
     route: `(x, weight, bias, ctx_bias, top_k) -> (indices, weights, probs)` as `routing.route`.
     full_moe: the contract of `reference.full_moe_reference`, or None if not implemented.
-    gated_moe: the contract of `reference.gated_moe_reference` (gated FFNs), or None if not implemented.
     supports_dropout: whether lowrank_moe takes `dropout_mask` / `dropout_p`.
     device_error: returns None when the backend can run on that device, else why it cannot.
     """
 
     name: str
     lowrank_moe: Callable[..., torch.Tensor]
+    gated_moe: Callable[..., torch.Tensor]
     route: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = routing.route
     full_moe: Callable[..., torch.Tensor] | None = None
-    gated_moe: Callable[..., torch.Tensor] | None = None
     supports_dropout: bool = False
     device_error: Callable[[torch.device], str | None] = lambda device: None
 
@@ -117,13 +117,6 @@ _LOADERS: dict[str, Callable[[], Backend]] = {
     "cpu": lambda: _load_extension("cpu"),
     "cuda": lambda: _load_extension("cuda"),
 }
-
-
-def gated_unsupported(name: str) -> RuntimeError:
-    """The error for a gated layer on a backend that has no gated kernel."""
-    return RuntimeError(f"backend {name!r} has no gated-FFN (SwiGLU/GeGLU) kernel yet: a gated layer runs on "
-                        "backend='cpu' (the fused CPU kernel), 'cuda' or 'triton' (GPUs), 'torch' or 'reference' "
-                        "(backend='auto' picks one that can)")
 
 
 def check_backend_name(name: str) -> str:
@@ -185,7 +178,7 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 
 
 def resolve_backend(name: str, device: torch.device, *, full_experts: bool = False,
-                    dropout: bool = False, gated: bool = False, dtype: torch.dtype | None = None) -> Backend:
+                    dropout: bool = False, dtype: torch.dtype | None = None) -> Backend:
     """The backend that runs a forward on `device` in compute dtype `dtype` (None: "auto"'s default).
 
     "auto" takes the fastest one that can run this call (`auto_order`).  A named backend must be able
@@ -194,7 +187,7 @@ def resolve_backend(name: str, device: torch.device, *, full_experts: bool = Fal
     if name == "auto":
         for candidate in auto_order(device.type, dtype):
             backend = _try_load(candidate)
-            if backend is not None and _serves(backend, device, full_experts, dropout, gated):
+            if backend is not None and _serves(backend, device, full_experts, dropout):
                 return backend
         return load_backend("torch")  # serves every call on every device
     backend = load_backend(name)
@@ -203,16 +196,13 @@ def resolve_backend(name: str, device: torch.device, *, full_experts: bool = Fal
         raise RuntimeError(f"backend {name!r} cannot run on {device}: {error}")
     if full_experts and backend.full_moe is None:
         raise ValueError(f"backend {name!r} implements expert_type='lowrank' only, got expert_type='full'")
-    if gated and not full_experts and backend.gated_moe is None:
-        raise gated_unsupported(name)
     if dropout and not backend.supports_dropout:
         return load_backend("torch")
     return backend
 
 
-def _serves(backend: Backend, device: torch.device, full_experts: bool, dropout: bool, gated: bool) -> bool:
+def _serves(backend: Backend, device: torch.device, full_experts: bool, dropout: bool) -> bool:
     return (backend.device_error(device) is None
             and (not full_experts or backend.full_moe is not None)
-            and (not gated or full_experts or backend.gated_moe is not None)
             and (not dropout or backend.supports_dropout))
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from dasam3_kernels import aux_losses, random_route, resolve_backend
 from dasam3_kernels.activations import check_activation
-from dasam3_kernels.backends import Backend, check_backend_name, gated_unsupported, load_backend
+from dasam3_kernels.backends import Backend, check_backend_name, load_backend
 
 ROUTERS = ("learned", "random")
 EXPERT_TYPES = ("lowrank", "full")
@@ -104,9 +104,7 @@ class DAMoE(nn.Module):
         self.adapt = tuple(p for p in projections if p in adapt)
         self.router_type, self.expert_type, self.backend = router, expert_type, backend
         if backend not in ("auto", "reference", "torch"):
-            loaded = load_backend(backend)  # fail now, with what is missing, not at the first forward
-            if gated and expert_type == "lowrank" and loaded.gated_moe is None:
-                raise gated_unsupported(backend)
+            load_backend(backend)  # fail now, with what is missing, not at the first forward
 
         if _ffn is None:
             factory = {"device": device, "dtype": dtype}
@@ -202,7 +200,7 @@ class DAMoE(nn.Module):
         compute_dtype = _autocast_dtype(x.device) or x.dtype
         dropout_active = self.training and self.dropout > 0
         backend = resolve_backend(self.backend, x.device, full_experts=self.expert_type == "full",
-                                  dropout=dropout_active, gated=self.gated, dtype=compute_dtype)
+                                  dropout=dropout_active, dtype=compute_dtype)
         if dropout_active and self.backend not in ("auto", backend.name):
             _warn_once(f"backend {self.backend!r} has no dropout; training with dropout runs the torch path")
 

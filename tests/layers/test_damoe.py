@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dasam3.layers import DAMoE
-from dasam3_kernels import available_backends, lowrank_moe_reference
+from dasam3_kernels import available_backends, gated_moe_reference, lowrank_moe_reference
 
 from ..kernels.cases import assert_close
 
@@ -420,7 +420,8 @@ def test_unavailable_named_backend_is_a_runtime_error_and_auto_never_raises(load
 def test_named_backend_on_the_wrong_device_is_a_runtime_error(loaders):
     from dasam3_kernels.backends import Backend
 
-    loaders("cpu", lambda: Backend("cpu", lowrank_moe_reference, device_error=lambda device: "needs a GPU"))
+    loaders("cpu", lambda: Backend("cpu", lowrank_moe_reference, gated_moe_reference,
+                                        device_error=lambda device: "needs a GPU"))
     layer = DAMoE(16, 24, backend="cpu")
     with pytest.raises(RuntimeError, match=r"backend 'cpu' cannot run on cpu: needs a GPU"):
         layer(torch.randn(3, 16))
@@ -540,27 +541,6 @@ def test_gated_full_experts_start_as_the_ffn_and_match_the_reference():
     assert_close(layer(x), mlp(x), 1e-5, "full gated experts at init")
     perturbed(layer)
     assert_matches(twin(layer, "torch"), twin(layer, "reference"), x)
-
-
-def test_gated_layer_on_auto_runs_a_backend_with_gated_kernels(loaders):
-    from dasam3_kernels import resolve_backend
-    from dasam3_kernels.backends import Backend
-
-    loaders("cpu", lambda: Backend("cpu", lowrank_moe_reference))  # a fused backend without a gated kernel
-    assert resolve_backend("auto", torch.device("cpu"), gated=True).name == "torch"
-    assert resolve_backend("auto", torch.device("cpu")).name == "cpu"
-    layer = perturbed(DAMoE(16, 24, gated=True))
-    x = torch.randn(5, 16)
-    assert_close(layer(x), twin(layer, "reference")(x), 1e-5, "gated layer on auto")
-
-
-def test_gated_layer_on_a_fused_backend_by_name_is_a_runtime_error(loaders):
-    from dasam3_kernels.backends import Backend
-
-    loaders("cpu", lambda: Backend("cpu", lowrank_moe_reference))
-    with pytest.raises(RuntimeError, match=r"backend 'cpu' has no gated-FFN \(SwiGLU/GeGLU\) kernel yet.*'torch'"):
-        DAMoE(16, 24, gated=True, backend="cpu")
-    assert DAMoE(16, 24, backend="cpu").gate is None  # plain layers still run there
 
 
 def test_gated_layer_compiles_with_dynamic_shapes():
