@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dasam3.layers import DAMoE
@@ -19,6 +20,10 @@ MULTI_TILE_CASES = [
     Case(tokens=150, d_model=12, d_ff=4099, adapt=("fc2",), bias=False, activation="relu"),
     Case(tokens=150, d_model=12, d_ff=4099, dtype=torch.bfloat16, activation="gelu_tanh"),
 ]
+# E·r = 104: the CUDA backward's factor-gradient accumulators (2 or 3 of [E·r, 64] floats) outgrow 48 KiB of
+# shared memory, plain and gated, and go to global memory.
+GLOBAL_ACCUMULATOR_CASE = Case(tokens=70, d_model=12, d_ff=130, experts=8, top_k=2, rank=13)
+gated_or_plain = pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 
 
 def _detached(t):

@@ -13,20 +13,19 @@ from dasam3_kernels import gated_moe_reference, lowrank_moe_reference
 
 from . import emulated_cuda
 from .cases import EDGE_CASES, Case, assert_close, check_against_reference, make_problem
+from .ext_checks import GLOBAL_ACCUMULATOR_CASE, gated_or_plain
 from .test_gated import GATE, GatedProblem, check_gated
 
 pytestmark = pytest.mark.skipif(emulated_cuda.compiler_missing() is not None,
                                 reason=str(emulated_cuda.compiler_missing()))
 
-# Beyond the edge cases (one block each): several token and feature blocks with ragged tails, and
-# E·r = 104, whose factor-gradient accumulators outgrow shared memory and go to global memory.
+# Beyond the edge cases (one block each): several token and feature blocks with ragged tails, and the
+# factor-gradient accumulators in global memory.
 TILED_CASES = [
     Case(tokens=131, d_model=10, d_ff=150, rank=3),
     Case(tokens=131, d_model=10, d_ff=150, experts=6, top_k=3, activation="silu", skew=True),
-    Case(tokens=70, d_model=12, d_ff=130, experts=8, top_k=2, rank=13),
 ]
-CASES = EDGE_CASES + [Case(activation="quick_gelu")] + TILED_CASES
-gated_or_plain = pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+CASES = EDGE_CASES + [Case(activation="quick_gelu")] + TILED_CASES + [GLOBAL_ACCUMULATOR_CASE]
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -45,7 +44,7 @@ def test_gated_kernels_without_gate_factors():
 
 def test_global_accumulator_case_leaves_shared_memory():
     """The E·r = 104 case really takes the global-memory path (else it would test nothing new)."""
-    case = TILED_CASES[-1]
+    case = GLOBAL_ACCUMULATOR_CASE
     for adapted in (2, 3):  # plain: fc1 and fc2; gated: and the gate
         assert adapted * case.experts * case.rank * emulated_cuda.TILE * 4 > emulated_cuda.library().shared_memory_limit()
 

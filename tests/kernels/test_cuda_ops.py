@@ -12,8 +12,8 @@ import torch
 from dasam3_kernels import available_backends, load_backend
 
 from .cases import EDGE_CASES, LOW_PRECISION_CASES, Case, assert_close, check_against_reference, make_problem
-from .ext_checks import MULTI_TILE_CASES, bwd_args, check_layer_against_reference, check_op_against_reference, \
-    fwd_args
+from .ext_checks import GLOBAL_ACCUMULATOR_CASE, MULTI_TILE_CASES, bwd_args, check_layer_against_reference, \
+    check_op_against_reference, fwd_args, gated_or_plain
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -27,9 +27,6 @@ RAGGED_TILE_CASES = [
     *(Case(tokens=131, d_model=70, d_ff=200, dtype=dtype, activation=activation)
       for dtype in (torch.float16, torch.bfloat16) for activation in ("gelu", "silu")),
 ]
-# E·r = 104: the backward's factor-gradient accumulators outgrow 48 KiB of shared memory (plain and gated)
-# and go to global memory.
-GLOBAL_ACCUMULATOR_CASE = Case(tokens=70, d_model=12, d_ff=130, experts=8, top_k=2, rank=13)
 CUDA_CASES = EDGE_CASES + LOW_PRECISION_CASES + MULTI_TILE_CASES + RAGGED_TILE_CASES + SAM3_CASES + \
     [GLOBAL_ACCUMULATOR_CASE]
 # Gated (test_gated.py runs the edge cases on the GPU too, under DASAM3_TEST_DEVICE=cuda): several tiles,
@@ -37,7 +34,6 @@ CUDA_CASES = EDGE_CASES + LOW_PRECISION_CASES + MULTI_TILE_CASES + RAGGED_TILE_C
 LLAMA_LIKE_CASES = [Case(tokens=700, d_model=256, d_ff=704, experts=4, top_k=2, rank=8, activation="silu",
                          dtype=dtype, scale=1.0) for dtype in (torch.float32, torch.float16, torch.bfloat16)]
 GATED_CUDA_CASES = MULTI_TILE_CASES + RAGGED_TILE_CASES + [GLOBAL_ACCUMULATOR_CASE] + LLAMA_LIKE_CASES
-gated_or_plain = pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 
 
 @pytest.fixture(scope="module")
